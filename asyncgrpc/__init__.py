@@ -1,0 +1,57 @@
+"""asyncgrpc: a fast asyncio gRPC server with grpc.aio's programming model.
+
+Switching from grpc.aio is one line::
+
+    server = asyncgrpc.server()          # was: grpc.aio.server()
+    helloworld_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)
+    server.add_insecure_port("[::]:50051")
+    await server.start()
+    await server.wait_for_termination()
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+from . import _core
+from ._context import EOF, AbortError, BaseError, ServicerContext, UsageError
+from ._handlers import (
+    GenericRpcHandler,
+    HandlerCallDetails,
+    RpcMethodHandler,
+    method_handlers_generic_handler,
+    stream_stream_rpc_method_handler,
+    stream_unary_rpc_method_handler,
+    unary_stream_rpc_method_handler,
+    unary_unary_rpc_method_handler,
+)
+from ._server import Server, server
+from ._status import StatusCode
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AbortError",
+    "BaseError",
+    "EOF",
+    "GenericRpcHandler",
+    "HandlerCallDetails",
+    "RpcMethodHandler",
+    "Server",
+    "ServicerContext",
+    "StatusCode",
+    "UsageError",
+    "method_handlers_generic_handler",
+    "server",
+    "stats",
+    "stream_stream_rpc_method_handler",
+    "stream_unary_rpc_method_handler",
+    "unary_stream_rpc_method_handler",
+    "unary_unary_rpc_method_handler",
+]
+
+
+def stats() -> Dict[str, int]:
+    """Process-wide counters of the C core: completion events (handled
+    inline by the loop or handed over by the poller), eventfd writes, loop
+    wake-ups, drain passes, baton hand-backs and RPCs started/finished."""
+    return _core.stats()

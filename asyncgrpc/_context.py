@@ -1,0 +1,156 @@
+"""ServicerContext: what a handler receives as ``context``.
+
+The per-RPC state lives in the C base class ``_core.Call`` (one object per
+RPC, no Python-level wrapper); this subclass adds grpc.aio's methods.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable, NoReturn, Optional, Sequence, Tuple
+
+from . import _core
+from ._status import StatusCode, code_to_int
+
+__all__ = ["ServicerContext", "AbortError", "UsageError", "BaseError", "EOF"]
+
+_LOGGER = logging.getLogger("asyncgrpc")
+
+Metadata = Sequence[Tuple[str, Any]]
+DoneCallback = Callable[["ServicerContext"], None]
+
+
+class BaseError(Exception):
+    """Base of asyncgrpc's own exceptions."""
+
+
+class AbortError(BaseError):
+    """Raised by ``context.abort()`` to end the handler; the RPC ends with
+    the code and details given to ``abort``. Handlers need not catch it."""
+
+
+class UsageError(BaseError):
+    """The API was used in a way the RPC's state does not allow."""
+
+
+class _EOFType:
+    """The end-of-stream sentinel returned by ``context.read()``."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<asyncgrpc.EOF>"
+
+    def __bool__(self) -> bool:
+        return False
+
+    def __eq__(self, other: object) -> bool:
+        # grpc.aio.EOF is another object; code written against it compares
+        # with ==, so treat grpc's sentinel as equal to ours.
+        return other is self or repr(other) == "<grpc.aio.EOF>"
+
+    def __hash__(self) -> int:
+        return hash("asyncgrpc.EOF")
+
+
+EOF = _EOFType()
+
+
+class ServicerContext(_core.Call):
+    """The context of one RPC, with grpc.aio's ``ServicerContext`` methods.
+
+    Created by the server for each RPC; handlers receive it as ``context``.
+    ``invocation_metadata()``, ``peer()``, ``time_remaining()``,
+    ``cancelled()`` and ``done()`` are implemented in C by the base class.
+    """
+
+    __slots__ = ()
+
+    async def abort(self, code: Any, details: str = "",
+                    trailing_metadata: Metadata = ()) -> NoReturn:
+        """End the RPC now with ``code`` and ``details`` and raise AbortError.
+
+        ``code`` is an ``asyncgrpc.StatusCode`` or ``grpc.StatusCode``.
+        ``trailing_metadata``, if given, replaces what was set before.
+        """
+        if self._aborted:
+            raise UsageError("abort() was already called")
+        number = code_to_int(code)
+        if number == 0:
+            _LOGGER.error("abort() called with StatusCode.OK; returning UNKNOWN")
+            number, code = 2, StatusCode.UNKNOWN
+        if not isinstance(details, str):
+            raise TypeError(f"details must be str, not {type(details).__name__}")
+        self._abort(number, code, details,
+                    trailing_metadata if trailing_metadata else None)
+        raise AbortError("Locally aborted.")
+
+    def set_code(self, code: Any) -> None:
+        """Set the status code sent when the handler returns."""
+        self._set_code(code_to_int(code), code)
+
+    def code(self) -> Any:
+        """The code set with ``set_code``/``abort``, or None."""
+        return self._code_obj
+
+    def set_details(self, details: str) -> None:
+        """Set the status message sent when the handler returns."""
+        self._details = details
+
+    def details(self) -> Optional[str]:
+        """The status message set so far, or None."""
+        return self._details
+
+    async def send_initial_metadata(self, initial_metadata: Metadata) -> None:
+        """Send the response headers now (at most once per RPC).
+
+        Keys are str; keys ending in ``-bin`` take bytes values, the others
+        str. Invalid metadata raises TypeError/ValueError here.
+        """
+        if self._initial_metadata_sent:
+            raise UsageError("initial metadata was already sent")
+        await self._send_initial_metadata(initial_metadata)
+
+    def set_trailing_metadata(self, trailing_metadata: Metadata) -> None:
+        """Set the metadata sent with the status (validated now)."""
+        self._set_trailing_metadata(trailing_metadata)
+
+    def trailing_metadata(self) -> Tuple[Tuple[str, Any], ...]:
+        """The trailing metadata set so far."""
+        md = self._trailing_metadata
+        return md if md is not None else ()
+
+    def add_done_callback(self, callback: DoneCallback) -> None:
+        """Call ``callback(context)`` once, when the RPC terminates."""
+        if self.done():
+            asyncio.get_running_loop().call_soon(self._run_one_callback, callback)
+            return
+        callbacks = self._done_callbacks
+        if callbacks is None:
+            self._done_callbacks = [callback]
+        else:
+            callbacks.append(callback)
+
+    def _run_one_callback(self, callback: DoneCallback) -> None:
+        try:
+            callback(self)
+        except Exception:  # a callback's error must not break the server
+            _LOGGER.exception("done callback %r of %s failed", callback, self._method)
+
+    def _run_done_callbacks(self) -> None:
+        callbacks = self._done_callbacks
+        self._done_callbacks = None
+        for callback in callbacks or ():
+            self._run_one_callback(callback)
+
+    def peer_identities(self) -> Optional[Sequence[bytes]]:
+        """The authenticated identities of the peer (None on insecure ports)."""
+        return None
+
+    def peer_identity_key(self) -> Optional[str]:
+        """The auth property that names the peer (None on insecure ports)."""
+        return None
+
+    def auth_context(self) -> dict:
+        """The auth properties of the peer's transport."""
+        return {"transport_security_type": [b"insecure"]}

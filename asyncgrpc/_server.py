@@ -1,0 +1,239 @@
+"""The asyncio gRPC server: grpc.aio's Server API over asyncgrpc._core."""
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import functools
+import inspect
+import logging
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+
+from . import _core
+from ._context import ServicerContext
+from ._handlers import HandlerCallDetails, method_paths
+from ._status import StatusCode
+
+__all__ = ["Server", "server"]
+
+_LOGGER = logging.getLogger("asyncgrpc")
+
+ChannelOptions = Sequence[Tuple[str, Any]]
+
+
+def _is_async_handler(behavior: Any) -> bool:
+    # The same test grpc.aio applies: anything else runs on a thread.
+    return (inspect.iscoroutinefunction(behavior)
+            or inspect.isasyncgenfunction(behavior)
+            or inspect.isawaitable(behavior)
+            or inspect.iscoroutinefunction(getattr(behavior, "__call__", None)))
+
+
+def _streaming_kind(handler: Any) -> Optional[str]:
+    request, response = handler.request_streaming, handler.response_streaming
+    if not request and not response:
+        return None
+    return {(False, True): "unary-stream", (True, False): "stream-unary",
+            (True, True): "stream-stream"}[(bool(request), bool(response))]
+
+
+class Server:
+    """An asyncio gRPC server with ``grpc.aio.Server``'s methods.
+
+    Create it with :func:`asyncgrpc.server`. Handlers are coroutine
+    functions ``async def Method(self, request, context)`` as with grpc.aio;
+    plain functions run on the migration thread pool.
+    """
+
+    def __init__(
+        self,
+        migration_thread_pool: Optional[concurrent.futures.Executor] = None,
+        handlers: Optional[Sequence[Any]] = None,
+        interceptors: Optional[Sequence[Any]] = None,
+        options: Optional[ChannelOptions] = None,
+        maximum_concurrent_rpcs: Optional[int] = None,
+        compression: Optional[Any] = None,
+    ) -> None:
+        if interceptors:
+            raise NotImplementedError(
+                "asyncgrpc does not support server interceptors yet")
+        if compression is not None:
+            raise NotImplementedError(
+                "asyncgrpc does not support server-side compression yet")
+        if maximum_concurrent_rpcs is not None and maximum_concurrent_rpcs < 1:
+            raise ValueError("maximum_concurrent_rpcs must be None or >= 1")
+        self._thread_pool = migration_thread_pool
+        self._core = _core.Server(tuple(options or ()), maximum_concurrent_rpcs or 0)
+        self._generic_handlers: list = []
+        # path -> handler, from add_registered_method_handlers and from the
+        # generic handlers whose table we can read (first one wins).
+        self._registered: Dict[str, Any] = {}
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        self._started = False
+        self._stop_task: Optional[asyncio.Task] = None
+        self._terminated: Optional[asyncio.Event] = None
+        if handlers:
+            self.add_generic_rpc_handlers(handlers)
+
+    # -- configuration -------------------------------------------------
+    def add_generic_rpc_handlers(self, generic_rpc_handlers: Iterable[Any]) -> None:
+        """Add generic handlers (objects with ``service(details)``)."""
+        self._check_not_started()
+        for handler in generic_rpc_handlers:
+            if not callable(getattr(handler, "service", None)):
+                raise TypeError(f"{handler!r} is not a generic RPC handler "
+                                "(it has no service() method)")
+            self._generic_handlers.append(handler)
+            for path, method_handler in method_paths(handler):
+                self._registered.setdefault(path, method_handler)
+
+    def add_registered_method_handlers(self, service_name: str,
+                                       method_handlers: Dict[str, Any]) -> None:
+        """Register the methods of one service (method name -> handler)."""
+        self._check_not_started()
+        for method, handler in method_handlers.items():
+            self._registered.setdefault(f"/{service_name}/{method}", handler)
+
+    def add_insecure_port(self, address: str) -> int:
+        """Listen on ``address`` without TLS; returns the port (0 picks one)."""
+        self._check_not_started()
+        return self._core.add_http2_port(address)
+
+    def add_secure_port(self, address: str, server_credentials: Any) -> int:
+        """TLS ports are not supported by this version of asyncgrpc."""
+        raise NotImplementedError("asyncgrpc does not support TLS ports yet")
+
+    def _check_not_started(self) -> None:
+        if self._started:
+            raise RuntimeError("the server is already started")
+
+    # -- life cycle ----------------------------------------------------
+    async def start(self) -> None:
+        """Start serving on the running event loop."""
+        self._check_not_started()
+        loop = asyncio.get_running_loop()
+        for path, handler in self._registered.items():
+            if _streaming_kind(handler) is None:
+                self._core.register_method(
+                    path, self._behavior(handler.unary_unary),
+                    handler.request_deserializer, handler.response_serializer)
+        self._loop = loop
+        self._terminated = asyncio.Event()
+        self._core.start(loop, ServicerContext, self)
+        self._started = True
+
+    async def stop(self, grace: Optional[float]) -> None:
+        """Stop: refuse new RPCs, let those in flight finish within ``grace``
+        seconds, then cancel the rest. ``stop(None)`` cancels at once."""
+        if not self._started:
+            self._core.close()
+            return
+        if self._stop_task is None:
+            self._stop_task = asyncio.ensure_future(self._stop(grace))
+        await asyncio.shield(self._stop_task)
+
+    async def _stop(self, grace: Optional[float]) -> None:
+        done = self._core.shutdown()
+        if grace:
+            try:
+                await asyncio.wait_for(asyncio.shield(done), grace)
+            except asyncio.TimeoutError:
+                pass
+        if not done.done():
+            self._core.cancel_all_calls()
+            await done
+        self._core.close()
+        assert self._terminated is not None
+        self._terminated.set()
+
+    async def wait_for_termination(self, timeout: Optional[float] = None) -> bool:
+        """Wait until the server stopped; True if ``timeout`` ran out first."""
+        if not self._started:
+            raise RuntimeError("the server is not started")
+        assert self._terminated is not None
+        try:
+            await asyncio.wait_for(self._terminated.wait(), timeout)
+        except asyncio.TimeoutError:
+            return True
+        return False
+
+    # -- called by the C core --------------------------------------------
+    def _behavior(self, behavior: Any) -> Any:
+        if _is_async_handler(behavior):
+            return behavior
+        pool = self._thread_pool
+
+        async def run_on_thread(request: Any, context: ServicerContext) -> Any:
+            loop = asyncio.get_running_loop()
+            return await loop.run_in_executor(
+                pool, functools.partial(behavior, request, context))
+        return run_on_thread
+
+    def _find_handler(self, method: str, call: ServicerContext) -> Optional[Any]:
+        handler = self._registered.get(method)
+        if handler is not None:
+            return handler
+        if not self._generic_handlers:
+            return None
+        details = HandlerCallDetails(method, call.invocation_metadata())
+        for generic in self._generic_handlers:
+            handler = generic.service(details)
+            if handler is not None:
+                return handler
+        return None
+
+    def _dispatch_generic(self, call: ServicerContext) -> None:
+        method = call._method
+        try:
+            handler = self._find_handler(method, call)
+        except Exception as exc:
+            _LOGGER.exception("generic handler failed for %s", method)
+            call._finish(StatusCode.UNKNOWN.value[0], f"Exception in generic handler: {exc}")
+            return
+        if handler is None:
+            call._finish(StatusCode.UNIMPLEMENTED.value[0], "Method not found!")
+            return
+        kind = _streaming_kind(handler)
+        if kind is not None:
+            call._finish(StatusCode.UNIMPLEMENTED.value[0],
+                         f"{method} is a {kind} method; this version of asyncgrpc "
+                         "serves unary-unary methods only")
+            return
+        call._run_unary(self._behavior(handler.unary_unary),
+                        handler.request_deserializer, handler.response_serializer)
+
+    def _report(self, kind: str, call: ServicerContext, exc: Optional[BaseException]) -> None:
+        method = call._method
+        if kind == "handler":
+            _LOGGER.error("Unexpected %s raised by servicer method %s",
+                          type(exc).__name__, method, exc_info=exc)
+        elif kind == "deserialize":
+            _LOGGER.error("Exception deserializing request for %s", method, exc_info=exc)
+        elif kind == "serialize":
+            _LOGGER.error("Exception serializing response for %s", method, exc_info=exc)
+        else:
+            _LOGGER.error("%s error in %s", kind, method, exc_info=exc)
+
+
+def server(
+    migration_thread_pool: Optional[concurrent.futures.Executor] = None,
+    handlers: Optional[Sequence[Any]] = None,
+    interceptors: Optional[Sequence[Any]] = None,
+    options: Optional[ChannelOptions] = None,
+    maximum_concurrent_rpcs: Optional[int] = None,
+    compression: Optional[Any] = None,
+) -> Server:
+    """Create a server; the drop-in replacement of ``grpc.aio.server()``.
+
+    Args:
+        migration_thread_pool: executor for handlers that are plain functions
+            (the loop's default executor if None).
+        handlers: generic RPC handlers to add now.
+        interceptors: not supported yet (NotImplementedError if given).
+        options: channel arguments, ``(key, int | str)`` pairs, passed to the
+            gRPC core (e.g. ``("grpc.max_receive_message_length", 1 << 20)``).
+        maximum_concurrent_rpcs: RPCs beyond this many in flight get
+            RESOURCE_EXHAUSTED.
+        compression: not supported yet (NotImplementedError if given).
+    """
+    return Server(migration_thread_pool, handlers, interceptors, options,
+                  maximum_concurrent_rpcs, compression)

@@ -1,0 +1,945 @@
+/*
+ * call.c: one RPC on the server: the grpc_call, its batches and the status.
+ *
+ * The Call type is the base of asyncgrpc.ServicerContext: the Python
+ * subclass adds the friendly methods, this file holds the state and the hot
+ * path. A unary RPC here is:
+ *   new call (server.c) -> call_start_recv_close -> call_run_unary:
+ *   deserialize, behavior(request, context), loop.create_task(coro)
+ *   -> task done callback (Call._on_task_done) -> serialize -> one batch
+ *   SEND_INITIAL_METADATA + SEND_MESSAGE + SEND_STATUS_FROM_SERVER.
+ *
+ * Ownership: every batch in flight holds one reference to the Call (taken
+ * when the batch starts, dropped in its completion), so a tag never points
+ * at freed memory. The grpc_call is unreffed as soon as the RPC is over and
+ * no batch is in flight (call_maybe_release), not when Python frees the
+ * object, so a context kept alive by user code never holds up shutdown.
+ */
+#include "call.h"
+
+#include <string.h>
+#include <grpc/slice.h>
+
+#include "byte_buffer.h"
+#include "metadata.h"
+#include "server.h"
+#include "utils.h"
+
+static void on_recv_close(Tag *tag, int ok);
+static void on_finish(Tag *tag, int ok);
+static void on_initial_md_sent(Tag *tag, int ok);
+static void on_read(Tag *tag, int ok);
+
+/* ------------------------------------------------------------------ */
+/* life cycle                                                          */
+
+CallObject *
+call_new(ServerObject *server, MethodEntry *method, PyObject *method_str,
+         grpc_call *c, gpr_timespec deadline, grpc_metadata_array *md)
+{
+    PyTypeObject *cls = (PyTypeObject *)server->context_class;
+    CallObject *self = (CallObject *)cls->tp_alloc(cls, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->server = (ServerObject *)Py_NewRef((PyObject *)server);
+    self->call = c;
+    self->method = method;
+    self->method_str = Py_NewRef(method_str);
+    self->deadline = gpr_convert_clock_type(deadline, GPR_CLOCK_MONOTONIC);
+    /* Take the received array; the caller's is left empty for reuse. */
+    self->request_md = *md;
+    grpc_metadata_array_init(md);
+    self->code = GRPC_STATUS_OK;
+    self->recv_close_tag.complete = on_recv_close;
+    self->finish_tag.complete = on_finish;
+    self->initial_md_op.tag.complete = on_initial_md_sent;
+    self->read_op.tag.complete = on_read;
+    server->state->counters.rpcs_started++;
+    return self;
+}
+
+/* Convert the request metadata while the call still owns its slices. */
+static int
+ensure_invocation_md(CallObject *self)
+{
+    if (self->invocation_md != NULL) {
+        return 0;
+    }
+    if (self->call == NULL) {
+        self->invocation_md = Py_NewRef(self->server->state->empty_tuple);
+        return 0;
+    }
+    self->invocation_md = metadata_to_tuple(&self->request_md);
+    return self->invocation_md == NULL ? -1 : 0;
+}
+
+/* Give the grpc_call back to the core once nothing can use it any more:
+ * the RPC is over (recv-close fired) and no batch is in flight. */
+static void
+call_maybe_release(CallObject *self)
+{
+    if (self->call == NULL || self->pending_batches > 0 || !self->terminated) {
+        return;
+    }
+    if (!self->task_done && self->task != NULL) {
+        /* The handler still runs and may ask for its metadata. */
+        if (ensure_invocation_md(self) < 0) {
+            PyErr_WriteUnraisable((PyObject *)self);
+        }
+    }
+    grpc_call_unref(self->call);
+    self->call = NULL;
+    grpc_metadata_array_destroy(&self->request_md);
+    grpc_metadata_array_init(&self->request_md);
+    metadata_clear(&self->trailing_md);
+    metadata_clear(&self->finish_initial_md);
+}
+
+static int
+call_traverse(CallObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->server);
+    Py_VISIT(self->method_str);
+    Py_VISIT(self->invocation_md);
+    Py_VISIT(self->task);
+    Py_VISIT(self->behavior);
+    Py_VISIT(self->deserializer);
+    Py_VISIT(self->serializer);
+    Py_VISIT(self->code_obj);
+    Py_VISIT(self->details);
+    Py_VISIT(self->trailing_md_obj);
+    Py_VISIT(self->done_callbacks);
+    Py_VISIT(self->initial_md_op.future);
+    Py_VISIT(self->read_op.future);
+    return 0;
+}
+
+static int
+call_clear(CallObject *self)
+{
+    /* `server` is kept until dealloc: the grpc_call and the queue need it. */
+    Py_CLEAR(self->method_str);
+    Py_CLEAR(self->invocation_md);
+    Py_CLEAR(self->task);
+    Py_CLEAR(self->behavior);
+    Py_CLEAR(self->deserializer);
+    Py_CLEAR(self->serializer);
+    Py_CLEAR(self->code_obj);
+    Py_CLEAR(self->details);
+    Py_CLEAR(self->trailing_md_obj);
+    Py_CLEAR(self->done_callbacks);
+    Py_CLEAR(self->initial_md_op.future);
+    Py_CLEAR(self->read_op.future);
+    return 0;
+}
+
+static void
+call_dealloc(CallObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    if (self->weakreflist != NULL) {
+        PyObject_ClearWeakRefs((PyObject *)self);
+    }
+    /* No batch is in flight (each holds a reference), so this is safe. */
+    if (self->call != NULL) {
+        grpc_call_unref(self->call);
+        self->call = NULL;
+    }
+    grpc_metadata_array_destroy(&self->request_md);
+    metadata_clear(&self->trailing_md);
+    metadata_clear(&self->finish_initial_md);
+    if (self->counted_active && self->server != NULL) {
+        self->server->active_calls--;
+    }
+    call_clear(self);
+    Py_CLEAR(self->server);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+/* ------------------------------------------------------------------ */
+/* batches                                                             */
+
+/* Start a batch that holds a reference to the call until it completes.
+ * Returns 0, or -1 (no exception set) if the core refused it. */
+static int
+start_batch(CallObject *self, const grpc_op *ops, size_t n, Tag *tag)
+{
+    if (self->call == NULL || self->server->phase == SERVER_CLOSED) {
+        return -1;
+    }
+    grpc_call_error err = grpc_call_start_batch(self->call, ops, n, tag, NULL);
+    if (err != GRPC_CALL_OK) {
+        return -1;
+    }
+    Py_INCREF(self);
+    self->pending_batches++;
+    return 0;
+}
+
+int
+call_start_recv_close(CallObject *self)
+{
+    grpc_op op;
+    memset(&op, 0, sizeof(op));
+    op.op = GRPC_OP_RECV_CLOSE_ON_SERVER;
+    op.data.recv_close_on_server.cancelled = &self->recv_close_cancelled;
+    if (start_batch(self, &op, 1, &self->recv_close_tag) < 0) {
+        /* Without it we would never learn that the RPC is over. */
+        self->terminated = 1;
+        self->cancelled = 1;
+        return -1;
+    }
+    return 0;
+}
+
+/* Report an error to the Python server (logging); never fails. */
+static void
+report(CallObject *self, const char *kind, PyObject *exc)
+{
+    ModuleState *st = self->server->state;
+    PyObject *hooks = self->server->hooks;
+    if (hooks == NULL) {
+        return;
+    }
+    PyObject *kind_str = PyUnicode_FromString(kind);
+    if (kind_str == NULL) {
+        PyErr_WriteUnraisable((PyObject *)self);
+        return;
+    }
+    PyObject *r = PyObject_CallMethodObjArgs(hooks, st->str_report, kind_str,
+                                             (PyObject *)self,
+                                             exc ? exc : Py_None, NULL);
+    Py_DECREF(kind_str);
+    if (r == NULL) {
+        PyErr_WriteUnraisable(hooks);
+    }
+    Py_XDECREF(r);
+}
+
+/* The final batch: initial metadata (unless sent), an optional message and
+ * the status. `message` is consumed. Returns 0, or -1 if it could not start
+ * (the RPC is gone); never leaves an exception set. */
+static int
+send_final(CallObject *self, grpc_status_code code, PyObject *details,
+           grpc_byte_buffer *message)
+{
+    if (self->status_sent || self->call == NULL) {
+        if (message != NULL) {
+            grpc_byte_buffer_destroy(message);
+        }
+        return -1;
+    }
+    grpc_op ops[3];
+    size_t n = 0;
+    memset(ops, 0, sizeof(ops));
+    if (!self->initial_md_sent) {
+        ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
+        ops[n].data.send_initial_metadata.count = 0;
+        n++;
+    }
+    if (message != NULL) {
+        ops[n].op = GRPC_OP_SEND_MESSAGE;
+        ops[n].data.send_message.send_message = message;
+        n++;
+    }
+    grpc_slice details_slice;
+    int have_details = 0;
+    if (details != NULL && details != Py_None) {
+        Py_ssize_t len;
+        const char *s = NULL;
+        if (PyUnicode_Check(details)) {
+            s = PyUnicode_AsUTF8AndSize(details, &len);
+        }
+        else if (PyBytes_Check(details)) {
+            s = PyBytes_AS_STRING(details);
+            len = PyBytes_GET_SIZE(details);
+        }
+        if (s == NULL) {
+            PyErr_Clear();
+            s = "";
+            len = 0;
+        }
+        details_slice = grpc_slice_from_copied_buffer(s, (size_t)len);
+        have_details = 1;
+    }
+    ops[n].op = GRPC_OP_SEND_STATUS_FROM_SERVER;
+    ops[n].data.send_status_from_server.status = code;
+    ops[n].data.send_status_from_server.status_details =
+        have_details ? &details_slice : NULL;
+    ops[n].data.send_status_from_server.trailing_metadata =
+        self->trailing_md.items;
+    ops[n].data.send_status_from_server.trailing_metadata_count =
+        self->trailing_md.count;
+    n++;
+    self->finish_payload = message;
+    int rc = start_batch(self, ops, n, &self->finish_tag);
+    if (have_details) {
+        grpc_slice_unref(details_slice);   /* only read during start_batch */
+    }
+    if (rc < 0) {
+        self->finish_payload = NULL;
+        if (message != NULL) {
+            grpc_byte_buffer_destroy(message);
+        }
+        return -1;
+    }
+    self->status_sent = 1;
+    self->initial_md_sent = 1;
+    return 0;
+}
+
+int
+call_finish_status(CallObject *self, grpc_status_code code, const char *details)
+{
+    PyObject *d = PyUnicode_FromString(details);
+    if (d == NULL) {
+        PyErr_Clear();
+    }
+    int rc = send_final(self, code, d, NULL);
+    Py_XDECREF(d);
+    return rc;
+}
+
+static void
+on_finish(Tag *tag, int ok)
+{
+    CallObject *self = CONTAINER_OF(tag, CallObject, finish_tag);
+    (void)ok;   /* a failed send means the client is gone: recv-close says so */
+    if (self->finish_payload != NULL) {
+        grpc_byte_buffer_destroy(self->finish_payload);
+        self->finish_payload = NULL;
+    }
+    self->server->state->counters.rpcs_finished++;
+    self->pending_batches--;
+    call_maybe_release(self);
+    Py_DECREF(self);
+}
+
+static void
+on_recv_close(Tag *tag, int ok)
+{
+    CallObject *self = CONTAINER_OF(tag, CallObject, recv_close_tag);
+    ModuleState *st = self->server->state;
+    self->pending_batches--;
+    self->terminated = 1;
+    if (!ok || self->recv_close_cancelled) {
+        self->cancelled = 1;
+    }
+    if (self->counted_active) {
+        self->counted_active = 0;
+        self->server->active_calls--;
+    }
+    if (self->cancelled && self->task != NULL && !self->task_done) {
+        PyObject *r = PyObject_CallMethodNoArgs(self->task, st->str_cancel);
+        if (r == NULL) {
+            PyErr_WriteUnraisable(self->task);
+        }
+        Py_XDECREF(r);
+    }
+    if (self->done_callbacks != NULL) {
+        PyObject *r = PyObject_CallMethodNoArgs((PyObject *)self,
+                                                st->str_run_done_callbacks);
+        if (r == NULL) {
+            PyErr_WriteUnraisable((PyObject *)self);
+        }
+        Py_XDECREF(r);
+    }
+    call_maybe_release(self);
+    Py_DECREF(self);
+}
+
+/* ------------------------------------------------------------------ */
+/* running a unary handler                                             */
+
+/* The handler raised `exc` (or the RPC was aborted): send the status. */
+static void
+finish_with_exception(CallObject *self, PyObject *exc)
+{
+    ModuleState *st = self->server->state;
+    if (self->aborted) {
+        send_final(self, (grpc_status_code)self->code, self->details, NULL);
+        return;
+    }
+    if (PyErr_GivenExceptionMatches(exc, st->cancelled_error)) {
+        if (!self->terminated) {
+            /* Cancelled on our side (server stop) while the client waits. */
+            call_finish_status(self, GRPC_STATUS_CANCELLED, "Cancelled");
+        }
+        return;
+    }
+    report(self, "handler", exc);
+    grpc_status_code code = self->code == GRPC_STATUS_OK
+        ? GRPC_STATUS_UNKNOWN : (grpc_status_code)self->code;
+    PyObject *details = PyUnicode_FromFormat("Unexpected %R: %S",
+                                             (PyObject *)Py_TYPE(exc), exc);
+    if (details == NULL) {
+        PyErr_Clear();
+    }
+    send_final(self, code, details, NULL);
+    Py_XDECREF(details);
+}
+
+/* The handler returned `result`: serialize it and send it with OK, unless
+ * the handler set a non-OK code (then the message is discarded). */
+static void
+finish_with_result(CallObject *self, PyObject *result)
+{
+    if (self->aborted || self->code != GRPC_STATUS_OK) {
+        send_final(self, (grpc_status_code)self->code, self->details, NULL);
+        return;
+    }
+    if (self->status_sent || self->call == NULL) {
+        return;
+    }
+    PyObject *raw;
+    if (self->serializer != NULL && self->serializer != Py_None) {
+        raw = PyObject_CallOneArg(self->serializer, result);
+    }
+    else {
+        raw = Py_NewRef(result);
+    }
+    grpc_byte_buffer *bb = raw ? byte_buffer_from_object(raw) : NULL;
+    Py_XDECREF(raw);
+    if (bb == NULL) {
+        PyObject *exc = take_exception();
+        report(self, "serialize", exc);
+        Py_XDECREF(exc);
+        call_finish_status(self, GRPC_STATUS_INTERNAL,
+                           "Failed to serialize response!");
+        return;
+    }
+    send_final(self, GRPC_STATUS_OK, self->details, bb);
+}
+
+/* Call._on_task_done(task): the done callback of the handler's task. */
+static PyObject *
+call_on_task_done(CallObject *self, PyObject *task)
+{
+    ModuleState *st = self->server->state;
+    self->task_done = 1;
+    PyObject *result = PyObject_CallMethodNoArgs(task, st->str_result);
+    if (result == NULL) {
+        PyObject *exc = take_exception();
+        if (exc != NULL) {
+            finish_with_exception(self, exc);
+            Py_DECREF(exc);
+        }
+    }
+    else {
+        finish_with_result(self, result);
+        Py_DECREF(result);
+    }
+    PyErr_Clear();
+    /* Break the context <-> task <-> coroutine cycle now. */
+    Py_CLEAR(self->task);
+    Py_CLEAR(self->behavior);
+    call_maybe_release(self);
+    Py_RETURN_NONE;
+}
+
+void
+call_run_unary(CallObject *self, PyObject *behavior, PyObject *deserializer,
+               PyObject *serializer, PyObject *payload)
+{
+    ServerObject *server = self->server;
+    ModuleState *st = server->state;
+    Py_XSETREF(self->behavior, Py_NewRef(behavior));
+    Py_XSETREF(self->serializer, Py_XNewRef(serializer));
+    if (payload == NULL) {
+        call_finish_status(self, GRPC_STATUS_INTERNAL,
+                           "Request message is missing");
+        return;
+    }
+    PyObject *request;
+    if (deserializer != NULL && deserializer != Py_None) {
+        request = PyObject_CallOneArg(deserializer, payload);
+        if (request == NULL) {
+            PyObject *exc = take_exception();
+            report(self, "deserialize", exc);
+            Py_XDECREF(exc);
+            call_finish_status(self, GRPC_STATUS_INTERNAL,
+                               "Exception deserializing request!");
+            return;
+        }
+    }
+    else {
+        request = Py_NewRef(payload);
+    }
+    PyObject *args[2] = {request, (PyObject *)self};
+    PyObject *coro = PyObject_Vectorcall(behavior, args, 2, NULL);
+    Py_DECREF(request);
+    PyObject *task = NULL;
+    if (coro != NULL) {
+        PyObject *targs[2] = {coro, self->method_str};
+        task = PyObject_Vectorcall(server->create_task, targs, 1,
+                                   st->kwnames_name);
+        Py_DECREF(coro);
+    }
+    if (task == NULL) {
+        /* The behavior raised before it could be awaited (or returned
+         * something that is not awaitable): same as a handler exception. */
+        PyObject *exc = take_exception();
+        self->task_done = 1;
+        if (exc != NULL) {
+            finish_with_exception(self, exc);
+            Py_DECREF(exc);
+        }
+        return;
+    }
+    self->task = task;
+    PyObject *cb = PyObject_GetAttr((PyObject *)self, st->str_on_task_done);
+    PyObject *r = cb ? PyObject_CallMethodOneArg(task, st->str_add_done_callback,
+                                                 cb) : NULL;
+    Py_XDECREF(cb);
+    if (r == NULL) {
+        /* Cannot watch the task: cancel it and fail the RPC. */
+        PyErr_WriteUnraisable(task);
+        PyObject *c = PyObject_CallMethodNoArgs(task, st->str_cancel);
+        Py_XDECREF(c);
+        PyErr_Clear();
+        call_finish_status(self, GRPC_STATUS_INTERNAL,
+                           "Could not schedule the handler");
+        return;
+    }
+    Py_DECREF(r);
+}
+
+/* ------------------------------------------------------------------ */
+/* reading one message (generic unary path)                            */
+
+static void
+on_read(Tag *tag, int ok)
+{
+    CallObject *self = CONTAINER_OF(tag, CallObject, read_op.tag);
+    grpc_byte_buffer *bb = self->read_op.recv;
+    self->read_op.recv = NULL;
+    self->read_op.active = 0;
+    self->pending_batches--;
+    if (ok && !self->terminated) {
+        PyObject *payload = NULL;
+        if (bb != NULL) {
+            payload = byte_buffer_to_bytes(bb);
+            if (payload == NULL) {
+                PyObject *exc = take_exception();
+                report(self, "deserialize", exc);
+                Py_XDECREF(exc);
+                call_finish_status(self, GRPC_STATUS_INTERNAL,
+                                   "Could not read the request message");
+            }
+        }
+        if (payload != NULL || bb == NULL) {
+            PyObject *behavior = self->behavior;
+            PyObject *deserializer = self->deserializer;
+            Py_XINCREF(behavior);
+            Py_XINCREF(deserializer);
+            call_run_unary(self, behavior, deserializer, self->serializer,
+                           payload);
+            Py_XDECREF(behavior);
+            Py_XDECREF(deserializer);
+            Py_XDECREF(payload);
+        }
+    }
+    if (bb != NULL) {
+        grpc_byte_buffer_destroy(bb);
+    }
+    call_maybe_release(self);
+    Py_DECREF(self);
+}
+
+/* Call._run_unary(behavior, deserializer, serializer): read the request
+ * message, then run the handler (used for generic handlers). */
+static PyObject *
+call_py_run_unary(CallObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_run_unary(behavior, deserializer, serializer)");
+        return NULL;
+    }
+    if (self->read_op.active || self->task != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the handler already runs");
+        return NULL;
+    }
+    Py_XSETREF(self->behavior, Py_NewRef(args[0]));
+    Py_XSETREF(self->deserializer, Py_NewRef(args[1]));
+    Py_XSETREF(self->serializer, Py_NewRef(args[2]));
+    grpc_op op;
+    memset(&op, 0, sizeof(op));
+    op.op = GRPC_OP_RECV_MESSAGE;
+    op.data.recv_message.recv_message = &self->read_op.recv;
+    if (start_batch(self, &op, 1, &self->read_op.tag) < 0) {
+        Py_RETURN_FALSE;   /* the RPC is already gone */
+    }
+    self->read_op.active = 1;
+    Py_RETURN_TRUE;
+}
+
+/* ------------------------------------------------------------------ */
+/* initial metadata                                                    */
+
+static void
+on_initial_md_sent(Tag *tag, int ok)
+{
+    CallObject *self = CONTAINER_OF(tag, CallObject, initial_md_op.tag);
+    ModuleState *st = self->server->state;
+    (void)ok;
+    self->pending_batches--;
+    metadata_clear(&self->initial_md_op.md);
+    self->initial_md_op.active = 0;
+    PyObject *fut = self->initial_md_op.future;
+    self->initial_md_op.future = NULL;
+    if (fut != NULL) {
+        PyObject *done = PyObject_CallMethodNoArgs(fut, st->str_done);
+        if (done == Py_False) {
+            PyObject *r = PyObject_CallMethodOneArg(fut, st->str_set_result,
+                                                    Py_None);
+            Py_XDECREF(r);
+        }
+        Py_XDECREF(done);
+        if (PyErr_Occurred()) {
+            PyErr_WriteUnraisable(fut);
+        }
+        Py_DECREF(fut);
+    }
+    call_maybe_release(self);
+    Py_DECREF(self);
+}
+
+/* Call._send_initial_metadata(metadata) -> future resolved when sent. */
+static PyObject *
+call_py_send_initial_metadata(CallObject *self, PyObject *metadata)
+{
+    ModuleState *st = self->server->state;
+    if (self->initial_md_sent) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "initial metadata was already sent");
+        return NULL;
+    }
+    SendMetadata md;
+    if (metadata_from_object(metadata, &md) < 0) {
+        return NULL;
+    }
+    PyObject *fut = PyObject_CallMethodNoArgs(self->server->loop,
+                                              st->str_create_future);
+    if (fut == NULL) {
+        metadata_clear(&md);
+        return NULL;
+    }
+    grpc_op op;
+    memset(&op, 0, sizeof(op));
+    op.op = GRPC_OP_SEND_INITIAL_METADATA;
+    op.data.send_initial_metadata.count = md.count;
+    op.data.send_initial_metadata.metadata = md.items;
+    self->initial_md_op.md = md;
+    if (start_batch(self, &op, 1, &self->initial_md_op.tag) < 0) {
+        metadata_clear(&self->initial_md_op.md);
+        /* The RPC is over; nothing to wait for. */
+        PyObject *r = PyObject_CallMethodOneArg(fut, st->str_set_result,
+                                                Py_None);
+        if (r == NULL) {
+            Py_DECREF(fut);
+            return NULL;
+        }
+        Py_DECREF(r);
+        return fut;
+    }
+    self->initial_md_sent = 1;
+    self->initial_md_op.active = 1;
+    self->initial_md_op.future = Py_NewRef(fut);
+    return fut;
+}
+
+/* ------------------------------------------------------------------ */
+/* status set by the handler                                           */
+
+/* Call._set_code(code_int, code_obj) */
+static PyObject *
+call_py_set_code(CallObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "_set_code(code, code_object)");
+        return NULL;
+    }
+    int code = as_int(args[0]);
+    if (code == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (code < 0 || code > 16) {
+        PyErr_Format(PyExc_ValueError, "invalid status code %d", code);
+        return NULL;
+    }
+    self->code = code;
+    Py_XSETREF(self->code_obj, Py_NewRef(args[1]));
+    Py_RETURN_NONE;
+}
+
+/* Call._set_trailing_metadata(metadata): validate now, send at the end. */
+static PyObject *
+call_py_set_trailing_metadata(CallObject *self, PyObject *metadata)
+{
+    SendMetadata md;
+    if (metadata_from_object(metadata, &md) < 0) {
+        return NULL;
+    }
+    PyObject *as_tuple = (metadata == Py_None)
+        ? Py_NewRef(self->server->state->empty_tuple)
+        : PySequence_Tuple(metadata);
+    if (as_tuple == NULL) {
+        metadata_clear(&md);
+        return NULL;
+    }
+    if (self->status_sent) {
+        /* The batch may still read the old array: keep it. */
+        metadata_clear(&md);
+        Py_DECREF(as_tuple);
+        PyErr_SetString(PyExc_RuntimeError,
+                        "the RPC has already sent its status");
+        return NULL;
+    }
+    metadata_clear(&self->trailing_md);
+    self->trailing_md = md;
+    Py_XSETREF(self->trailing_md_obj, as_tuple);
+    Py_RETURN_NONE;
+}
+
+/* Call._abort(code_int, code_obj, details, trailing_metadata_or_None) */
+static PyObject *
+call_py_abort(CallObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError,
+                        "_abort(code, code_object, details, trailing_metadata)");
+        return NULL;
+    }
+    if (args[3] != Py_None) {
+        PyObject *r = call_py_set_trailing_metadata(self, args[3]);
+        if (r == NULL) {
+            return NULL;
+        }
+        Py_DECREF(r);
+    }
+    PyObject *r = call_py_set_code(self, args, 2);
+    if (r == NULL) {
+        return NULL;
+    }
+    Py_DECREF(r);
+    Py_XSETREF(self->details, Py_NewRef(args[2]));
+    self->aborted = 1;
+    /* Send now, as grpc.aio does: the client learns at once even if the
+     * handler swallows the AbortError and goes on. */
+    send_final(self, (grpc_status_code)self->code, self->details, NULL);
+    Py_RETURN_NONE;
+}
+
+/* Call._finish(code_int, details): end the RPC now with a status. */
+static PyObject *
+call_py_finish(CallObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2 || !PyUnicode_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "_finish(code, details: str)");
+        return NULL;
+    }
+    int code = as_int(args[0]);
+    if (code == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (send_final(self, (grpc_status_code)code, args[1], NULL) < 0) {
+        Py_RETURN_FALSE;
+    }
+    Py_RETURN_TRUE;
+}
+
+/* ------------------------------------------------------------------ */
+/* public read-only facts                                              */
+
+static PyObject *
+call_invocation_metadata(CallObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (ensure_invocation_md(self) < 0) {
+        return NULL;
+    }
+    return Py_NewRef(self->invocation_md);
+}
+
+static PyObject *
+call_peer(CallObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->call == NULL) {
+        return PyUnicode_FromString("");
+    }
+    char *peer = grpc_call_get_peer(self->call);
+    if (peer == NULL) {
+        return PyUnicode_FromString("");
+    }
+    PyObject *s = PyUnicode_DecodeUTF8(peer, (Py_ssize_t)strlen(peer),
+                                       "replace");
+    gpr_free(peer);
+    return s;
+}
+
+static PyObject *
+call_time_remaining(CallObject *self, PyObject *Py_UNUSED(ignored))
+{
+    double s = seconds_until(self->deadline);
+    if (s == Py_HUGE_VAL) {
+        Py_RETURN_NONE;
+    }
+    return PyFloat_FromDouble(s > 0 ? s : 0.0);
+}
+
+static PyObject *
+call_cancelled(CallObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyBool_FromLong(self->cancelled);
+}
+
+static PyObject *
+call_done(CallObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return PyBool_FromLong(self->terminated);
+}
+
+static PyObject *
+get_code(CallObject *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromLong(self->code);
+}
+
+static PyObject *
+get_obj(PyObject *obj)
+{
+    return obj ? Py_NewRef(obj) : Py_NewRef(Py_None);
+}
+
+static PyObject *
+get_code_obj(CallObject *self, void *Py_UNUSED(c)) { return get_obj(self->code_obj); }
+static PyObject *
+get_details(CallObject *self, void *Py_UNUSED(c)) { return get_obj(self->details); }
+static PyObject *
+get_trailing(CallObject *self, void *Py_UNUSED(c)) { return get_obj(self->trailing_md_obj); }
+static PyObject *
+get_method(CallObject *self, void *Py_UNUSED(c)) { return get_obj(self->method_str); }
+static PyObject *
+get_done_callbacks(CallObject *self, void *Py_UNUSED(c)) { return get_obj(self->done_callbacks); }
+
+static int
+set_details(CallObject *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (value != NULL && value != Py_None && !PyUnicode_Check(value)) {
+        PyErr_Format(PyExc_TypeError, "details must be str, not %.100s",
+                     Py_TYPE(value)->tp_name);
+        return -1;
+    }
+    Py_XSETREF(self->details, Py_XNewRef(value));
+    return 0;
+}
+
+static int
+set_done_callbacks(CallObject *self, PyObject *value, void *Py_UNUSED(closure))
+{
+    if (value != NULL && value != Py_None && !PyList_Check(value)) {
+        PyErr_SetString(PyExc_TypeError, "_done_callbacks must be a list");
+        return -1;
+    }
+    Py_XSETREF(self->done_callbacks,
+               (value == Py_None) ? NULL : Py_XNewRef(value));
+    return 0;
+}
+
+static PyObject *
+get_flag(CallObject *self, void *closure)
+{
+    const char *which = (const char *)closure;
+    int v = 0;
+    if (strcmp(which, "aborted") == 0) {
+        v = self->aborted;
+    }
+    else if (strcmp(which, "initial_metadata_sent") == 0) {
+        v = self->initial_md_sent;
+    }
+    else if (strcmp(which, "status_sent") == 0) {
+        v = self->status_sent;
+    }
+    return PyBool_FromLong(v);
+}
+
+static PyMethodDef call_methods[] = {
+    {"invocation_metadata", (PyCFunction)call_invocation_metadata, METH_NOARGS,
+     "The request metadata: a tuple of (key, value) pairs."},
+    {"peer", (PyCFunction)call_peer, METH_NOARGS,
+     "The client's address, e.g. 'ipv4:127.0.0.1:50000'."},
+    {"time_remaining", (PyCFunction)call_time_remaining, METH_NOARGS,
+     "Seconds left until the deadline, or None if there is none."},
+    {"cancelled", (PyCFunction)call_cancelled, METH_NOARGS,
+     "True if the RPC was cancelled by the client or by its deadline."},
+    {"done", (PyCFunction)call_done, METH_NOARGS,
+     "True once the RPC has terminated."},
+    {"_on_task_done", (PyCFunction)call_on_task_done, METH_O, NULL},
+    {"_run_unary", (PyCFunction)(void (*)(void))call_py_run_unary,
+     METH_FASTCALL, NULL},
+    {"_send_initial_metadata", (PyCFunction)call_py_send_initial_metadata,
+     METH_O, NULL},
+    {"_set_code", (PyCFunction)(void (*)(void))call_py_set_code,
+     METH_FASTCALL, NULL},
+    {"_set_trailing_metadata", (PyCFunction)call_py_set_trailing_metadata,
+     METH_O, NULL},
+    {"_abort", (PyCFunction)(void (*)(void))call_py_abort, METH_FASTCALL,
+     NULL},
+    {"_finish", (PyCFunction)(void (*)(void))call_py_finish, METH_FASTCALL,
+     NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef call_getset[] = {
+    {"_code", (getter)get_code, NULL, NULL, NULL},
+    {"_code_obj", (getter)get_code_obj, NULL, NULL, NULL},
+    {"_details", (getter)get_details, (setter)set_details, NULL, NULL},
+    {"_trailing_metadata", (getter)get_trailing, NULL, NULL, NULL},
+    {"_method", (getter)get_method, NULL, NULL, NULL},
+    {"_done_callbacks", (getter)get_done_callbacks, (setter)set_done_callbacks,
+     NULL, NULL},
+    {"_aborted", (getter)get_flag, NULL, NULL, "aborted"},
+    {"_initial_metadata_sent", (getter)get_flag, NULL, NULL,
+     "initial_metadata_sent"},
+    {"_status_sent", (getter)get_flag, NULL, NULL, "status_sent"},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef call_members[] = {
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(CallObject, weakreflist),
+     READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyObject *
+call_tp_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    (void)args;
+    (void)kwds;
+    PyErr_Format(PyExc_TypeError,
+                 "%.100s objects are created by the server", type->tp_name);
+    return NULL;
+}
+
+static PyType_Slot call_slots[] = {
+    {Py_tp_doc, "One RPC on the server (base of asyncgrpc.ServicerContext)."},
+    {Py_tp_new, call_tp_new},
+    {Py_tp_dealloc, call_dealloc},
+    {Py_tp_traverse, call_traverse},
+    {Py_tp_clear, call_clear},
+    {Py_tp_methods, call_methods},
+    {Py_tp_getset, call_getset},
+    {Py_tp_members, call_members},
+    {0, NULL},
+};
+
+PyType_Spec call_spec = {
+    .name = "asyncgrpc._core.Call",
+    .basicsize = sizeof(CallObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .slots = call_slots,
+};

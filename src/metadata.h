@@ -1,0 +1,20 @@
+/*
+ * metadata.h: gRPC metadata <-> Python tuples of (key, value) pairs.
+ *
+ * Keys are str. Keys ending in "-bin" carry bytes values; other keys carry
+ * str values (ASCII, legal header characters).
+ */
+#ifndef ASYNCGRPC_METADATA_H
+#define ASYNCGRPC_METADATA_H
+
+#include "types.h"
+
+/* A new tuple of (key, value) tuples from a received array, or NULL. */
+PyObject *metadata_to_tuple(const grpc_metadata_array *array);
+/* Validate and copy a Python iterable of pairs into `out` (which must be
+ * empty). Returns 0, or -1 with TypeError/ValueError naming the bad entry. */
+int metadata_from_object(PyObject *pairs, SendMetadata *out);
+/* Release the slices and the array of `md` and leave it empty. */
+void metadata_clear(SendMetadata *md);
+
+#endif

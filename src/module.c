@@ -1,0 +1,182 @@
+/*
+ * module.c: the asyncgrpc._core module: multi-phase init, module state,
+ * the gRPC library's init/shutdown and the process-wide counters.
+ *
+ * grpc_init() runs once per module object (exec) and grpc_shutdown() when
+ * the module is freed, and only if no server outlived it.
+ */
+#include "types.h"
+
+#include "call.h"
+#include "server.h"
+
+static PyObject *
+core_stats(PyObject *module, PyObject *Py_UNUSED(ignored))
+{
+    ModuleState *st = PyModule_GetState(module);
+    Counters *c = &st->counters;
+    return Py_BuildValue(
+        "{sKsKsKsKsKsKsKsKsKsKsi}",
+        "events", (unsigned long long)c->events,
+        "events_inline", (unsigned long long)c->events_inline,
+        "events_via_ring", (unsigned long long)c->events_via_ring,
+        "eventfd_writes", (unsigned long long)c->eventfd_writes,
+        "wakeups", (unsigned long long)c->wakeups,
+        "drains", (unsigned long long)c->drains,
+        "baton_to_poller", (unsigned long long)c->baton_to_poller,
+        "rpcs_started", (unsigned long long)c->rpcs_started,
+        "rpcs_finished", (unsigned long long)c->rpcs_finished,
+        "rpcs_rejected", (unsigned long long)c->rpcs_rejected,
+        "live_servers", st->live_servers);
+}
+
+static PyObject *
+core_grpc_version(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
+{
+    return PyUnicode_FromString(grpc_version_string());
+}
+
+static PyMethodDef core_methods[] = {
+    {"stats", core_stats, METH_NOARGS,
+     "Process-wide counters of the bridge and the RPCs (a dict of ints)."},
+    {"grpc_version", core_grpc_version, METH_NOARGS,
+     "The version of the gRPC C core this module runs on."},
+    {NULL, NULL, 0, NULL},
+};
+
+static int
+intern(PyObject **slot, const char *s)
+{
+    *slot = PyUnicode_InternFromString(s);
+    return *slot == NULL ? -1 : 0;
+}
+
+static int
+core_exec(PyObject *module)
+{
+    ModuleState *st = PyModule_GetState(module);
+    memset(&st->counters, 0, sizeof(st->counters));
+    if (intern(&st->str_add_done_callback, "add_done_callback") < 0 ||
+        intern(&st->str_add_reader, "add_reader") < 0 ||
+        intern(&st->str_call_soon, "call_soon") < 0 ||
+        intern(&st->str_cancel, "cancel") < 0 ||
+        intern(&st->str_create_future, "create_future") < 0 ||
+        intern(&st->str_create_task, "create_task") < 0 ||
+        intern(&st->str_dispatch_generic, "_dispatch_generic") < 0 ||
+        intern(&st->str_done, "done") < 0 ||
+        intern(&st->str_drain, "_drain") < 0 ||
+        intern(&st->str_on_task_done, "_on_task_done") < 0 ||
+        intern(&st->str_on_wakeup, "_on_wakeup") < 0 ||
+        intern(&st->str_remove_reader, "remove_reader") < 0 ||
+        intern(&st->str_report, "_report") < 0 ||
+        intern(&st->str_result, "result") < 0 ||
+        intern(&st->str_run_done_callbacks, "_run_done_callbacks") < 0 ||
+        intern(&st->str_set_result, "set_result") < 0) {
+        return -1;
+    }
+    st->kwnames_name = Py_BuildValue("(s)", "name");
+    st->empty_tuple = PyTuple_New(0);
+    if (st->kwnames_name == NULL || st->empty_tuple == NULL) {
+        return -1;
+    }
+    PyObject *exceptions = PyImport_ImportModule("asyncio.exceptions");
+    if (exceptions == NULL) {
+        return -1;
+    }
+    st->cancelled_error = PyObject_GetAttrString(exceptions, "CancelledError");
+    Py_DECREF(exceptions);
+    if (st->cancelled_error == NULL) {
+        return -1;
+    }
+    st->call_type = (PyTypeObject *)PyType_FromModuleAndSpec(module, &call_spec,
+                                                             NULL);
+    if (st->call_type == NULL ||
+        PyModule_AddType(module, st->call_type) < 0) {
+        return -1;
+    }
+    st->server_type = (PyTypeObject *)PyType_FromModuleAndSpec(
+        module, &server_spec, NULL);
+    if (st->server_type == NULL ||
+        PyModule_AddType(module, st->server_type) < 0) {
+        return -1;
+    }
+    if (PyModule_AddIntConstant(module, "REQUESTS_PER_METHOD", 64) < 0) {
+        return -1;
+    }
+    grpc_init();
+    st->grpc_initialized = 1;
+    return 0;
+}
+
+static int
+core_traverse(PyObject *module, visitproc visit, void *arg)
+{
+    ModuleState *st = PyModule_GetState(module);
+    Py_VISIT(st->server_type);
+    Py_VISIT(st->call_type);
+    Py_VISIT(st->cancelled_error);
+    return 0;
+}
+
+static int
+core_clear(PyObject *module)
+{
+    ModuleState *st = PyModule_GetState(module);
+    Py_CLEAR(st->server_type);
+    Py_CLEAR(st->call_type);
+    Py_CLEAR(st->cancelled_error);
+    Py_CLEAR(st->str_add_done_callback);
+    Py_CLEAR(st->str_add_reader);
+    Py_CLEAR(st->str_call_soon);
+    Py_CLEAR(st->str_cancel);
+    Py_CLEAR(st->str_create_future);
+    Py_CLEAR(st->str_create_task);
+    Py_CLEAR(st->str_dispatch_generic);
+    Py_CLEAR(st->str_done);
+    Py_CLEAR(st->str_drain);
+    Py_CLEAR(st->str_on_task_done);
+    Py_CLEAR(st->str_on_wakeup);
+    Py_CLEAR(st->str_remove_reader);
+    Py_CLEAR(st->str_report);
+    Py_CLEAR(st->str_result);
+    Py_CLEAR(st->str_run_done_callbacks);
+    Py_CLEAR(st->str_set_result);
+    Py_CLEAR(st->kwnames_name);
+    Py_CLEAR(st->empty_tuple);
+    return 0;
+}
+
+static void
+core_free(void *module)
+{
+    ModuleState *st = PyModule_GetState((PyObject *)module);
+    core_clear((PyObject *)module);
+    /* A server still alive keeps the library in use: leave it to exit. */
+    if (st->grpc_initialized && st->live_servers == 0) {
+        st->grpc_initialized = 0;
+        grpc_shutdown();
+    }
+}
+
+static PyModuleDef_Slot core_slots[] = {
+    {Py_mod_exec, core_exec},
+    {0, NULL},
+};
+
+static struct PyModuleDef core_module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "asyncgrpc._core",
+    .m_doc = "The C core of asyncgrpc: a gRPC server on an asyncio loop.",
+    .m_size = sizeof(ModuleState),
+    .m_methods = core_methods,
+    .m_slots = core_slots,
+    .m_traverse = core_traverse,
+    .m_clear = core_clear,
+    .m_free = core_free,
+};
+
+PyMODINIT_FUNC
+PyInit__core(void)
+{
+    return PyModuleDef_Init(&core_module);
+}

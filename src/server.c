@@ -1,0 +1,941 @@
+/*
+ * server.c: the Server type: a grpc_server, its registered methods, the
+ * requests posted to the core, and the loop side of the bridge.
+ *
+ * Owns: the grpc_server, the Bridge (completion queue + poller thread +
+ * eventfd), the MethodEntry table and the RequestSlot array. Every slot is
+ * posted to the core as a tag; the slot array is freed only after the queue
+ * reported shutdown, i.e. after every slot's tag has come back.
+ *
+ * Loop side of DESIGN.md section 3: _on_wakeup (the eventfd reader) takes
+ * the handed-over event and drains; _drain polls the queue non-blocking,
+ * handles up to DRAIN_BUDGET events inline, and re-schedules itself with
+ * loop.call_soon until it has seen two empty polls in a row (the second in a
+ * later loop iteration), then gives the baton back to the poller.
+ */
+#include "server.h"
+
+#include <errno.h>
+#include <string.h>
+#include <grpc/grpc_security.h>
+
+#include "bridge.h"
+#include "byte_buffer.h"
+#include "call.h"
+#include "utils.h"
+
+#define REQUESTS_PER_METHOD 64   /* outstanding requests per registered method */
+#define GENERIC_REQUESTS 8       /* outstanding requests for unknown paths */
+#define DRAIN_BUDGET 256         /* events per drain pass before yielding */
+
+static void on_request(Tag *tag, int ok);
+static void on_shutdown(Tag *tag, int ok);
+
+/* ------------------------------------------------------------------ */
+/* construction                                                        */
+
+static void
+free_channel_args(grpc_channel_args *args)
+{
+    for (size_t i = 0; i < args->num_args; i++) {
+        PyMem_Free(args->args[i].key);
+        if (args->args[i].type == GRPC_ARG_STRING) {
+            PyMem_Free(args->args[i].value.string);
+        }
+    }
+    PyMem_Free(args->args);
+    args->args = NULL;
+    args->num_args = 0;
+}
+
+static char *
+copy_str(const char *s)
+{
+    size_t n = strlen(s) + 1;
+    char *c = PyMem_Malloc(n);
+    if (c == NULL) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    memcpy(c, s, n);
+    return c;
+}
+
+/* options: a sequence of (str key, int | str value). SO_REUSEPORT is off
+ * unless the caller sets it, so a second server on a port fails loudly
+ * instead of silently taking half the connections (CORE_NOTES 11). */
+static int
+build_channel_args(PyObject *options, grpc_channel_args *out)
+{
+    out->num_args = 0;
+    out->args = NULL;
+    PyObject *seq = PySequence_Fast(
+        options, "options must be a sequence of (key, value) pairs");
+    if (seq == NULL) {
+        return -1;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    out->args = PyMem_Calloc((size_t)n + 1, sizeof(grpc_arg));
+    if (out->args == NULL) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return -1;
+    }
+    int reuseport_given = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *pair = PySequence_Fast_GET_ITEM(seq, i);
+        PyObject *key, *value;
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 ||
+            !PyUnicode_Check(key = PyTuple_GET_ITEM(pair, 0))) {
+            PyErr_Format(PyExc_TypeError,
+                         "each option must be a (str, int | str) tuple, "
+                         "got %R", pair);
+            goto error;
+        }
+        value = PyTuple_GET_ITEM(pair, 1);
+        const char *k = PyUnicode_AsUTF8(key);
+        if (k == NULL) {
+            goto error;
+        }
+        grpc_arg *arg = &out->args[out->num_args];
+        if (PyBool_Check(value) || PyLong_Check(value)) {
+            int v = as_int(value);
+            if (v == -1 && PyErr_Occurred()) {
+                goto error;
+            }
+            arg->type = GRPC_ARG_INTEGER;
+            arg->value.integer = v;
+        }
+        else if (PyUnicode_Check(value)) {
+            const char *v = PyUnicode_AsUTF8(value);
+            if (v == NULL || (arg->value.string = copy_str(v)) == NULL) {
+                goto error;
+            }
+            arg->type = GRPC_ARG_STRING;
+        }
+        else {
+            PyErr_Format(PyExc_TypeError,
+                         "option %R: value must be int or str, not %.100s",
+                         key, Py_TYPE(value)->tp_name);
+            goto error;
+        }
+        if ((arg->key = copy_str(k)) == NULL) {
+            if (arg->type == GRPC_ARG_STRING) {
+                PyMem_Free(arg->value.string);
+            }
+            goto error;
+        }
+        out->num_args++;
+        if (strcmp(k, GRPC_ARG_ALLOW_REUSEPORT) == 0) {
+            reuseport_given = 1;
+        }
+    }
+    if (!reuseport_given) {
+        grpc_arg *arg = &out->args[out->num_args];
+        if ((arg->key = copy_str(GRPC_ARG_ALLOW_REUSEPORT)) == NULL) {
+            goto error;
+        }
+        arg->type = GRPC_ARG_INTEGER;
+        arg->value.integer = 0;
+        out->num_args++;
+    }
+    Py_DECREF(seq);
+    return 0;
+error:
+    Py_DECREF(seq);
+    free_channel_args(out);
+    return -1;
+}
+
+static PyObject *
+server_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
+{
+    static char *kwlist[] = {"options", "maximum_concurrent_rpcs", NULL};
+    PyObject *options = NULL;
+    Py_ssize_t max_concurrent = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kwds, "|On:Server", kwlist,
+                                     &options, &max_concurrent)) {
+        return NULL;
+    }
+    if (max_concurrent < 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "maximum_concurrent_rpcs must be >= 0 (0: no limit)");
+        return NULL;
+    }
+    grpc_channel_args cargs;
+    PyObject *empty = NULL;
+    if (options == NULL || options == Py_None) {
+        options = empty = PyTuple_New(0);
+        if (empty == NULL) {
+            return NULL;
+        }
+    }
+    int rc = build_channel_args(options, &cargs);
+    Py_XDECREF(empty);
+    if (rc < 0) {
+        return NULL;
+    }
+    ServerObject *self = (ServerObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        free_channel_args(&cargs);
+        return NULL;
+    }
+    PyObject *module = PyType_GetModule(type);
+    self->state = state_from_type(type);
+    self->module = Py_NewRef(module);
+    self->max_concurrent = max_concurrent;
+    self->shutdown_tag.complete = on_shutdown;
+    self->bridge.eventfd = -1;
+    if (bridge_init(&self->bridge, &self->state->counters) < 0) {
+        PyErr_SetFromErrno(PyExc_OSError);
+        free_channel_args(&cargs);
+        Py_DECREF(self);
+        return NULL;
+    }
+    self->server = grpc_server_create(&cargs, NULL);
+    free_channel_args(&cargs);
+    if (self->server == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "grpc_server_create failed");
+        Py_DECREF(self);
+        return NULL;
+    }
+    grpc_server_register_completion_queue(self->server, self->bridge.cq, NULL);
+    self->state->live_servers++;
+    return (PyObject *)self;
+}
+
+/* ------------------------------------------------------------------ */
+/* requests                                                            */
+
+static int
+post_request(ServerObject *self, RequestSlot *slot)
+{
+    grpc_call_error err;
+    if (slot->method != NULL) {
+        err = grpc_server_request_registered_call(
+            self->server, slot->method->registered, &slot->call,
+            &slot->deadline, &slot->metadata, &slot->payload,
+            self->bridge.cq, self->bridge.cq, &slot->tag);
+    }
+    else {
+        err = grpc_server_request_call(
+            self->server, &slot->call, &slot->details, &slot->metadata,
+            self->bridge.cq, self->bridge.cq, &slot->tag);
+    }
+    if (err != GRPC_CALL_OK) {
+        return -1;
+    }
+    self->slots_outstanding++;
+    return 0;
+}
+
+/* A new call is ours but Python must not see it (the server is being torn
+ * down from dealloc): refuse it without creating any object. */
+static void
+refuse_raw_call(grpc_call *c)
+{
+    grpc_call_cancel_with_status(c, GRPC_STATUS_UNAVAILABLE,
+                                 "server is shutting down", NULL);
+    grpc_call_unref(c);
+}
+
+/* Run the Python side of a generic (unregistered) call. */
+static void
+dispatch_generic(ServerObject *self, CallObject *call)
+{
+    PyObject *r = PyObject_CallMethodOneArg(
+        self->hooks, self->state->str_dispatch_generic, (PyObject *)call);
+    if (r == NULL) {
+        PyErr_WriteUnraisable(self->hooks);
+        call_finish_status(call, GRPC_STATUS_UNKNOWN,
+                           "Error while dispatching the call");
+        return;
+    }
+    Py_DECREF(r);
+}
+
+static void
+on_request(Tag *tag, int ok)
+{
+    RequestSlot *slot = (RequestSlot *)tag;
+    ServerObject *self = slot->server;
+    self->slots_outstanding--;
+    grpc_call *c = slot->call;
+    slot->call = NULL;
+    grpc_byte_buffer *payload = slot->payload;
+    slot->payload = NULL;
+    MethodEntry *method = slot->method;
+    gpr_timespec deadline = method ? slot->deadline : slot->details.deadline;
+    PyObject *method_str = NULL;
+    if (method == NULL && ok && c != NULL) {
+        method_str = PyUnicode_DecodeUTF8(
+            (const char *)GRPC_SLICE_START_PTR(slot->details.method),
+            (Py_ssize_t)GRPC_SLICE_LENGTH(slot->details.method), "replace");
+    }
+    if (method == NULL) {
+        grpc_call_details_destroy(&slot->details);
+        grpc_call_details_init(&slot->details);
+    }
+    if (!ok || c == NULL) {
+        /* Shutdown: the request is returned unused (CORE_NOTES 8). */
+        if (payload != NULL) {
+            grpc_byte_buffer_destroy(payload);
+        }
+        Py_XDECREF(method_str);
+        return;
+    }
+    if (self->phase == SERVER_STARTED) {
+        if (post_request(self, slot) < 0) {
+            PyErr_WriteUnraisable((PyObject *)self);
+        }
+    }
+    if (self->phase == SERVER_CLOSED || self->hooks == NULL) {
+        refuse_raw_call(c);
+        grpc_metadata_array_destroy(&slot->metadata);
+        grpc_metadata_array_init(&slot->metadata);
+        if (payload != NULL) {
+            grpc_byte_buffer_destroy(payload);
+        }
+        Py_XDECREF(method_str);
+        return;
+    }
+    if (method == NULL && method_str == NULL) {
+        PyErr_WriteUnraisable((PyObject *)self);
+        refuse_raw_call(c);
+        return;
+    }
+    CallObject *call = call_new(self, method,
+                                method ? method->path_str : method_str, c,
+                                deadline, &slot->metadata);
+    Py_XDECREF(method_str);
+    if (call == NULL) {
+        PyErr_WriteUnraisable((PyObject *)self);
+        grpc_call_cancel_with_status(c, GRPC_STATUS_RESOURCE_EXHAUSTED,
+                                     "out of memory", NULL);
+        grpc_call_unref(c);
+        grpc_metadata_array_destroy(&slot->metadata);
+        grpc_metadata_array_init(&slot->metadata);
+        if (payload != NULL) {
+            grpc_byte_buffer_destroy(payload);
+        }
+        return;
+    }
+    call_start_recv_close(call);
+    if (self->max_concurrent > 0 && self->active_calls >= self->max_concurrent) {
+        self->state->counters.rpcs_rejected++;
+        call_finish_status(call, GRPC_STATUS_RESOURCE_EXHAUSTED,
+                           "Concurrent RPC limit exceeded!");
+    }
+    else if (!call->terminated) {
+        call->counted_active = 1;
+        self->active_calls++;
+        if (method != NULL) {
+            PyObject *bytes = NULL;
+            if (payload != NULL) {
+                bytes = byte_buffer_to_bytes(payload);
+            }
+            if (payload != NULL && bytes == NULL) {
+                PyErr_WriteUnraisable((PyObject *)call);
+                call_finish_status(call, GRPC_STATUS_INTERNAL,
+                                   "Could not read the request message");
+            }
+            else {
+                call_run_unary(call, method->behavior, method->deserializer,
+                               method->serializer, bytes);
+            }
+            Py_XDECREF(bytes);
+        }
+        else {
+            dispatch_generic(self, call);
+        }
+    }
+    if (payload != NULL) {
+        grpc_byte_buffer_destroy(payload);
+    }
+    Py_DECREF(call);
+}
+
+/* ------------------------------------------------------------------ */
+/* the loop side of the bridge                                         */
+
+static inline void
+dispatch_event(grpc_event ev)
+{
+    Tag *tag = (Tag *)ev.tag;
+    tag->complete(tag, ev.success);
+    if (PyErr_Occurred()) {     /* handlers report their own errors */
+        PyErr_WriteUnraisable(NULL);
+    }
+}
+
+static PyObject *
+server_drain(ServerObject *self, PyObject *Py_UNUSED(ignored))
+{
+    Bridge *b = &self->bridge;
+    if (self->phase == SERVER_CLOSED || !bridge_loop_holds_baton(b)) {
+        Py_RETURN_NONE;
+    }
+    self->state->counters.drains++;
+    int n = 0;
+    while (n < DRAIN_BUDGET) {
+        grpc_event ev = bridge_poll(b);
+        if (ev.type != GRPC_OP_COMPLETE) {
+            break;
+        }
+        self->state->counters.events++;
+        dispatch_event(ev);
+        n++;
+    }
+    if (n == 0 && b->pending_empty) {
+        bridge_hand_back(b);
+        Py_RETURN_NONE;
+    }
+    /* One empty poll is not enough: gRPC may answer it without looking at
+     * the sockets, and the callbacks we just woke may start new batches.
+     * Poll again from a later loop iteration. */
+    b->pending_empty = (n < DRAIN_BUDGET);
+    PyObject *h = PyObject_CallOneArg(self->call_soon, self->drain_cb);
+    if (h == NULL) {
+        /* Could not schedule: give the queue back rather than lose it. */
+        bridge_hand_back(b);
+        return NULL;
+    }
+    Py_DECREF(h);
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+server_on_wakeup(ServerObject *self, PyObject *Py_UNUSED(ignored))
+{
+    Bridge *b = &self->bridge;
+    self->state->counters.wakeups++;
+    bridge_ack_wakeup(b);
+    grpc_event ev;
+    if (bridge_take(b, &ev)) {
+        self->state->counters.events++;
+        dispatch_event(ev);
+    }
+    return server_drain(self, NULL);
+}
+
+/* ------------------------------------------------------------------ */
+/* Python API                                                          */
+
+static PyObject *
+server_add_http2_port(ServerObject *self, PyObject *arg)
+{
+    if (!PyUnicode_Check(arg)) {
+        PyErr_SetString(PyExc_TypeError, "address must be str");
+        return NULL;
+    }
+    if (self->phase != SERVER_NEW) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "ports must be added before the server starts");
+        return NULL;
+    }
+    const char *addr = PyUnicode_AsUTF8(arg);
+    if (addr == NULL) {
+        return NULL;
+    }
+    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+    int port = grpc_server_add_http2_port(self->server, addr, creds);
+    grpc_server_credentials_release(creds);
+    if (port == 0) {
+        PyErr_Format(PyExc_RuntimeError,
+                     "Failed to bind to address %s; set GRPC_VERBOSITY=debug "
+                     "environment variable to see detailed error message.",
+                     addr);
+        return NULL;
+    }
+    return PyLong_FromLong(port);
+}
+
+/* register_method(path, behavior, deserializer, serializer): a unary-unary
+ * method, registered with the core so the request arrives with the call. */
+static PyObject *
+server_register_method(ServerObject *self, PyObject *const *args,
+                       Py_ssize_t nargs)
+{
+    if (nargs != 4 || !PyUnicode_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "register_method(path: str, behavior, deserializer, "
+                        "serializer)");
+        return NULL;
+    }
+    if (self->phase != SERVER_NEW) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "methods must be registered before the server starts");
+        return NULL;
+    }
+    const char *path = PyUnicode_AsUTF8(args[0]);
+    if (path == NULL) {
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < self->n_methods; i++) {
+        if (strcmp(self->methods[i].path, path) == 0) {
+            PyErr_Format(PyExc_ValueError, "method %R is already registered",
+                         args[0]);
+            return NULL;
+        }
+    }
+    MethodEntry *grown = PyMem_Realloc(
+        self->methods, sizeof(MethodEntry) * (size_t)(self->n_methods + 1));
+    if (grown == NULL) {
+        return PyErr_NoMemory();
+    }
+    self->methods = grown;
+    MethodEntry *m = &self->methods[self->n_methods];
+    memset(m, 0, sizeof(*m));
+    if ((m->path = copy_str(path)) == NULL) {
+        return NULL;
+    }
+    m->path_str = Py_NewRef(args[0]);
+    m->behavior = Py_NewRef(args[1]);
+    m->deserializer = Py_NewRef(args[2]);
+    m->serializer = Py_NewRef(args[3]);
+    self->n_methods++;
+    Py_RETURN_NONE;
+}
+
+/* start(loop, context_class, hooks) */
+static PyObject *
+server_start(ServerObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    ModuleState *st = self->state;
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "start(loop, context_class, hooks)");
+        return NULL;
+    }
+    if (self->phase != SERVER_NEW) {
+        PyErr_SetString(PyExc_RuntimeError, "the server was already started");
+        return NULL;
+    }
+    PyObject *loop = args[0], *context_class = args[1], *hooks = args[2];
+    if (!PyType_Check(context_class) ||
+        !PyType_IsSubtype((PyTypeObject *)context_class, st->call_type)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "context_class must be a subclass of _core.Call");
+        return NULL;
+    }
+    PyObject *create_task = PyObject_GetAttr(loop, st->str_create_task);
+    PyObject *call_soon = create_task ? PyObject_GetAttr(loop, st->str_call_soon)
+                                      : NULL;
+    PyObject *drain_cb = call_soon ? PyObject_GetAttr((PyObject *)self,
+                                                      st->str_drain) : NULL;
+    PyObject *wakeup_cb = drain_cb ? PyObject_GetAttr((PyObject *)self,
+                                                      st->str_on_wakeup) : NULL;
+    if (wakeup_cb == NULL) {
+        Py_XDECREF(create_task);
+        Py_XDECREF(call_soon);
+        Py_XDECREF(drain_cb);
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < self->n_methods; i++) {
+        MethodEntry *m = &self->methods[i];
+        m->registered = grpc_server_register_method(
+            self->server, m->path, NULL,
+            GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
+        if (m->registered == NULL) {
+            PyErr_Format(PyExc_RuntimeError, "cannot register method %s",
+                         m->path);
+            goto error;
+        }
+    }
+    Py_ssize_t n_slots = self->n_methods * REQUESTS_PER_METHOD + GENERIC_REQUESTS;
+    self->slots = PyMem_Calloc((size_t)n_slots, sizeof(RequestSlot));
+    if (self->slots == NULL) {
+        PyErr_NoMemory();
+        goto error;
+    }
+    self->n_slots = n_slots;
+    for (Py_ssize_t i = 0; i < n_slots; i++) {
+        RequestSlot *slot = &self->slots[i];
+        slot->tag.complete = on_request;
+        slot->server = self;
+        slot->method = (i < self->n_methods * REQUESTS_PER_METHOD)
+            ? &self->methods[i / REQUESTS_PER_METHOD] : NULL;
+        grpc_metadata_array_init(&slot->metadata);
+        grpc_call_details_init(&slot->details);
+    }
+    /* Python-side state first: events may arrive as soon as we start. */
+    self->loop = Py_NewRef(loop);
+    self->create_task = create_task;
+    self->call_soon = call_soon;
+    self->drain_cb = drain_cb;
+    self->context_class = Py_NewRef(context_class);
+    self->hooks = Py_NewRef(hooks);
+    create_task = call_soon = drain_cb = NULL;
+
+    grpc_server_start(self->server);
+    self->phase = SERVER_STARTED;
+    for (Py_ssize_t i = 0; i < n_slots; i++) {
+        if (post_request(self, &self->slots[i]) < 0) {
+            PyErr_SetString(PyExc_RuntimeError, "cannot post a request");
+            goto error;
+        }
+    }
+    int err = bridge_start(&self->bridge);
+    if (err != 0) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        goto error;
+    }
+    PyObject *fd = PyLong_FromLong(self->bridge.eventfd);
+    if (fd == NULL) {
+        goto error;
+    }
+    PyObject *r = PyObject_CallMethodObjArgs(loop, st->str_add_reader, fd,
+                                             wakeup_cb, NULL);
+    Py_DECREF(fd);
+    if (r == NULL) {
+        goto error;
+    }
+    Py_DECREF(r);
+    Py_DECREF(wakeup_cb);
+    Py_RETURN_NONE;
+error:
+    /* Whatever started is torn down by shutdown()/close() or dealloc. */
+    Py_XDECREF(create_task);
+    Py_XDECREF(call_soon);
+    Py_XDECREF(drain_cb);
+    Py_DECREF(wakeup_cb);
+    return NULL;
+}
+
+static void
+on_shutdown(Tag *tag, int ok)
+{
+    ServerObject *self = CONTAINER_OF(tag, ServerObject, shutdown_tag);
+    (void)ok;
+    PyObject *fut = self->shutdown_future;
+    self->shutdown_future = NULL;
+    self->shutdown_done = 1;
+    if (fut != NULL) {
+        PyObject *done = PyObject_CallMethodNoArgs(fut, self->state->str_done);
+        if (done == Py_False) {
+            PyObject *r = PyObject_CallMethodOneArg(
+                fut, self->state->str_set_result, Py_None);
+            Py_XDECREF(r);
+        }
+        Py_XDECREF(done);
+        if (PyErr_Occurred()) {
+            PyErr_WriteUnraisable(fut);
+        }
+        Py_DECREF(fut);
+    }
+}
+
+/* shutdown() -> future: stop accepting RPCs; the future resolves when every
+ * call has ended. */
+static PyObject *
+server_shutdown(ServerObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->phase == SERVER_NEW || self->phase == SERVER_CLOSED) {
+        PyErr_SetString(PyExc_RuntimeError, "the server is not running");
+        return NULL;
+    }
+    if (self->shutdown_future == NULL && !self->shutdown_done) {
+        self->shutdown_future = PyObject_CallMethodNoArgs(
+            self->loop, self->state->str_create_future);
+        if (self->shutdown_future == NULL) {
+            return NULL;
+        }
+        if (!self->shutdown_started) {
+            self->shutdown_started = 1;
+            self->phase = SERVER_SHUTTING_DOWN;
+            grpc_server_shutdown_and_notify(self->server, self->bridge.cq,
+                                            &self->shutdown_tag);
+        }
+    }
+    if (self->shutdown_future != NULL) {
+        return Py_NewRef(self->shutdown_future);
+    }
+    /* Already done: an already-resolved future. */
+    PyObject *fut = PyObject_CallMethodNoArgs(self->loop,
+                                              self->state->str_create_future);
+    if (fut == NULL) {
+        return NULL;
+    }
+    PyObject *r = PyObject_CallMethodOneArg(fut, self->state->str_set_result,
+                                            Py_None);
+    if (r == NULL) {
+        Py_DECREF(fut);
+        return NULL;
+    }
+    Py_DECREF(r);
+    return fut;
+}
+
+static PyObject *
+server_cancel_all_calls(ServerObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (!self->shutdown_started || self->phase == SERVER_CLOSED) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "cancel_all_calls() needs shutdown() first");
+        return NULL;
+    }
+    grpc_server_cancel_all_calls(self->server);
+    Py_RETURN_NONE;
+}
+
+/* With the poller joined (or never started): handle events on this thread
+ * until the shutdown tag has fired. */
+static void
+wait_for_shutdown_tag(ServerObject *self)
+{
+    Bridge *b = &self->bridge;
+    grpc_event ev;
+    if (bridge_take(b, &ev)) {
+        dispatch_event(ev);
+    }
+    while (!self->shutdown_done) {
+        ev = grpc_completion_queue_next(
+            b->cq, gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                gpr_time_from_millis(100, GPR_TIMESPAN)),
+            NULL);
+        if (ev.type == GRPC_OP_COMPLETE) {
+            dispatch_event(ev);
+        }
+    }
+}
+
+/* Handle whatever is left in the queue until it reports shutdown.
+ * Only called after the poller has been joined. */
+static void
+drain_until_queue_shutdown(ServerObject *self)
+{
+    Bridge *b = &self->bridge;
+    grpc_event ev;
+    if (bridge_take(b, &ev)) {
+        dispatch_event(ev);
+    }
+    while (!b->queue_shutdown_seen) {
+        ev = grpc_completion_queue_next(
+            b->cq, gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
+                                gpr_time_from_millis(100, GPR_TIMESPAN)),
+            NULL);
+        if (ev.type == GRPC_QUEUE_SHUTDOWN) {
+            b->queue_shutdown_seen = 1;
+        }
+        else if (ev.type == GRPC_OP_COMPLETE) {
+            dispatch_event(ev);
+        }
+    }
+}
+
+/* Tear down the core objects (the shutdown tag has fired, or the server
+ * never started). Safe to call twice. */
+static void
+close_core(ServerObject *self)
+{
+    if (self->server != NULL) {
+        grpc_server_destroy(self->server);
+        self->server = NULL;
+    }
+    if (self->bridge.cq != NULL) {
+        grpc_completion_queue_shutdown(self->bridge.cq);
+        Py_BEGIN_ALLOW_THREADS
+        bridge_stop_and_join(&self->bridge);
+        Py_END_ALLOW_THREADS
+        drain_until_queue_shutdown(self);
+        bridge_destroy(&self->bridge);
+    }
+}
+
+/* Shut the core down from here without the loop (never started, or the
+ * Python server was dropped without stop()): no Python object sees a call. */
+static void
+force_shutdown(ServerObject *self)
+{
+    if (self->server == NULL) {
+        return;
+    }
+    self->phase = SERVER_CLOSED;
+    Py_CLEAR(self->shutdown_future);
+    if (!self->shutdown_started) {
+        self->shutdown_started = 1;
+        grpc_server_shutdown_and_notify(self->server, self->bridge.cq,
+                                        &self->shutdown_tag);
+    }
+    grpc_server_cancel_all_calls(self->server);
+    Py_BEGIN_ALLOW_THREADS
+    bridge_stop_and_join(&self->bridge);
+    Py_END_ALLOW_THREADS
+    wait_for_shutdown_tag(self);
+    close_core(self);
+}
+
+/* close(): after the shutdown future resolved: destroy the server, stop the
+ * poller, release the queue and the eventfd. */
+static PyObject *
+server_close(ServerObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->phase == SERVER_CLOSED) {
+        Py_RETURN_NONE;
+    }
+    if (self->phase != SERVER_NEW && !self->shutdown_done) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "close() needs the shutdown future to be done");
+        return NULL;
+    }
+    if (self->loop != NULL && self->bridge.eventfd >= 0) {
+        PyObject *fd = PyLong_FromLong(self->bridge.eventfd);
+        PyObject *r = fd ? PyObject_CallMethodOneArg(
+                               self->loop, self->state->str_remove_reader, fd)
+                         : NULL;
+        Py_XDECREF(fd);
+        if (r == NULL) {
+            PyErr_WriteUnraisable((PyObject *)self);
+        }
+        Py_XDECREF(r);
+    }
+    if (self->phase == SERVER_NEW) {
+        force_shutdown(self);
+    }
+    else {
+        self->phase = SERVER_CLOSED;
+        close_core(self);
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+server_get_active_calls(ServerObject *self, void *Py_UNUSED(closure))
+{
+    return PyLong_FromSsize_t(self->active_calls);
+}
+
+static PyObject *
+server_get_phase(ServerObject *self, void *Py_UNUSED(closure))
+{
+    static const char *names[] = {"new", "started", "shutting_down", "closed"};
+    return PyUnicode_FromString(names[self->phase]);
+}
+
+static int
+server_traverse(ServerObject *self, visitproc visit, void *arg)
+{
+    Py_VISIT(Py_TYPE(self));
+    Py_VISIT(self->module);
+    for (Py_ssize_t i = 0; i < self->n_methods; i++) {
+        Py_VISIT(self->methods[i].path_str);
+        Py_VISIT(self->methods[i].behavior);
+        Py_VISIT(self->methods[i].deserializer);
+        Py_VISIT(self->methods[i].serializer);
+    }
+    Py_VISIT(self->shutdown_future);
+    Py_VISIT(self->loop);
+    Py_VISIT(self->create_task);
+    Py_VISIT(self->call_soon);
+    Py_VISIT(self->drain_cb);
+    Py_VISIT(self->context_class);
+    Py_VISIT(self->hooks);
+    return 0;
+}
+
+static int
+server_clear(ServerObject *self)
+{
+    /* Only references that do not keep the core alive; the method table
+     * (behaviors) stays until dealloc because live requests point at it. */
+    Py_CLEAR(self->loop);
+    Py_CLEAR(self->create_task);
+    Py_CLEAR(self->call_soon);
+    Py_CLEAR(self->drain_cb);
+    Py_CLEAR(self->hooks);
+    return 0;
+}
+
+static void
+server_dealloc(ServerObject *self)
+{
+    PyTypeObject *tp = Py_TYPE(self);
+    PyObject_GC_UnTrack(self);
+    if (self->weakreflist != NULL) {
+        PyObject_ClearWeakRefs((PyObject *)self);
+    }
+    /* No Call object is alive here (each holds a reference to us), so a
+     * forced shutdown touches no Python object but our own futures. */
+    Py_CLEAR(self->hooks);
+    force_shutdown(self);
+    if (self->bridge.cq != NULL || self->bridge.eventfd >= 0) {
+        bridge_destroy(&self->bridge);
+    }
+    if (self->slots != NULL) {
+        for (Py_ssize_t i = 0; i < self->n_slots; i++) {
+            grpc_metadata_array_destroy(&self->slots[i].metadata);
+            grpc_call_details_destroy(&self->slots[i].details);
+        }
+        PyMem_Free(self->slots);
+    }
+    for (Py_ssize_t i = 0; i < self->n_methods; i++) {
+        MethodEntry *m = &self->methods[i];
+        PyMem_Free(m->path);
+        Py_XDECREF(m->path_str);
+        Py_XDECREF(m->behavior);
+        Py_XDECREF(m->deserializer);
+        Py_XDECREF(m->serializer);
+    }
+    PyMem_Free(self->methods);
+    Py_CLEAR(self->shutdown_future);
+    Py_CLEAR(self->context_class);
+    server_clear(self);
+    if (self->state != NULL && self->module != NULL) {
+        self->state->live_servers--;
+    }
+    Py_CLEAR(self->module);
+    tp->tp_free((PyObject *)self);
+    Py_DECREF(tp);
+}
+
+static PyMethodDef server_methods[] = {
+    {"add_http2_port", (PyCFunction)server_add_http2_port, METH_O,
+     "Bind an insecure HTTP/2 port; returns the port number."},
+    {"register_method", (PyCFunction)(void (*)(void))server_register_method,
+     METH_FASTCALL, "Register a unary-unary method before start()."},
+    {"start", (PyCFunction)(void (*)(void))server_start, METH_FASTCALL,
+     "start(loop, context_class, hooks): serve on this asyncio loop."},
+    {"shutdown", (PyCFunction)server_shutdown, METH_NOARGS,
+     "Stop accepting RPCs; returns a future done when every call ended."},
+    {"cancel_all_calls", (PyCFunction)server_cancel_all_calls, METH_NOARGS,
+     "Cancel every call in flight (after shutdown())."},
+    {"close", (PyCFunction)server_close, METH_NOARGS,
+     "Release the core server, the poller thread and the eventfd."},
+    {"_on_wakeup", (PyCFunction)server_on_wakeup, METH_NOARGS, NULL},
+    {"_drain", (PyCFunction)server_drain, METH_NOARGS, NULL},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef server_getset[] = {
+    {"active_calls", (getter)server_get_active_calls, NULL,
+     "RPCs accepted and not yet terminated.", NULL},
+    {"phase", (getter)server_get_phase, NULL,
+     "'new', 'started', 'shutting_down' or 'closed'.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyMemberDef server_members[] = {
+    {"__weaklistoffset__", T_PYSSIZET, offsetof(ServerObject, weakreflist),
+     READONLY, NULL},
+    {NULL, 0, 0, 0, NULL},
+};
+
+static PyType_Slot server_slots[] = {
+    {Py_tp_doc, "Server(options=(), maximum_concurrent_rpcs=0): a gRPC core "
+                "server driven by an asyncio loop."},
+    {Py_tp_new, server_new},
+    {Py_tp_dealloc, server_dealloc},
+    {Py_tp_traverse, server_traverse},
+    {Py_tp_clear, server_clear},
+    {Py_tp_methods, server_methods},
+    {Py_tp_getset, server_getset},
+    {Py_tp_members, server_members},
+    {0, NULL},
+};
+
+PyType_Spec server_spec = {
+    .name = "asyncgrpc._core.Server",
+    .basicsize = sizeof(ServerObject),
+    .flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .slots = server_slots,
+};

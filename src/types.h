@@ -1,0 +1,206 @@
+/*
+ * types.h: the structs shared by the C files of asyncgrpc._core.
+ *
+ * Ownership in one place:
+ *   - ModuleState owns the heap types, the cached Python objects the hot path
+ *     needs (interned names, kwnames) and the process-wide counters.
+ *   - ServerObject owns the grpc_server, the completion-queue bridge, the
+ *     registered methods and the request slots posted to the core.
+ *   - CallObject (base of asyncgrpc.ServicerContext) owns one grpc_call and
+ *     everything of that RPC; it holds a strong reference to its server, so
+ *     the completion queue outlives every call bound to it.
+ * A Tag is the first member of everything passed to the core as a tag;
+ * the loop thread runs tag->complete(tag, ok) with the GIL held.
+ */
+#ifndef ASYNCGRPC_TYPES_H
+#define ASYNCGRPC_TYPES_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <structmember.h>   /* PyMemberDef, T_PYSSIZET, READONLY (3.11) */
+#include <pthread.h>
+#include <stdint.h>
+
+#include <grpc/grpc.h>
+#include <grpc/byte_buffer.h>
+#include <grpc/support/alloc.h>
+#include <grpc/support/time.h>
+
+/* ---- counters (plain C: the poller thread updates some of them) ---- */
+typedef struct {
+    uint64_t events;            /* completion events handled */
+    uint64_t events_inline;     /* ... taken by the loop's own non-blocking polls */
+    uint64_t events_via_ring;   /* ... taken by the poller and handed over */
+    uint64_t eventfd_writes;    /* poller -> loop wake-ups written */
+    uint64_t wakeups;           /* times the loop's reader callback ran */
+    uint64_t drains;            /* drain passes on the loop */
+    uint64_t baton_to_poller;   /* hand-backs of the queue to the poller */
+    uint64_t rpcs_started;
+    uint64_t rpcs_finished;
+    uint64_t rpcs_rejected;     /* refused by maximum_concurrent_rpcs */
+} Counters;
+
+typedef struct {
+    PyTypeObject *server_type;
+    PyTypeObject *call_type;
+    PyObject *cancelled_error;   /* asyncio.CancelledError */
+    /* interned method names used on the hot path */
+    PyObject *str_add_done_callback;
+    PyObject *str_add_reader;
+    PyObject *str_call_soon;
+    PyObject *str_cancel;
+    PyObject *str_create_future;
+    PyObject *str_create_task;
+    PyObject *str_dispatch_generic;
+    PyObject *str_done;
+    PyObject *str_drain;
+    PyObject *str_on_task_done;
+    PyObject *str_on_wakeup;
+    PyObject *str_remove_reader;
+    PyObject *str_report;
+    PyObject *str_result;
+    PyObject *str_run_done_callbacks;
+    PyObject *str_set_result;
+    PyObject *kwnames_name;      /* ("name",) for create_task(coro, name=...) */
+    PyObject *empty_tuple;
+    Counters counters;           /* summed over every server of the process */
+    int live_servers;
+    int grpc_initialized;
+} ModuleState;
+
+/* ---- tags ---- */
+typedef struct Tag Tag;
+typedef void (*TagComplete)(Tag *tag, int ok);
+struct Tag {
+    TagComplete complete;
+};
+
+/* ---- the completion-queue bridge (bridge.c); no Python objects inside ---- */
+enum { BATON_POLLER = 0, BATON_LOOP = 1 };
+
+typedef struct {
+    grpc_completion_queue *cq;
+    int eventfd;
+    pthread_t thread;
+    int thread_started;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    /* guarded by mu */
+    int baton;
+    int stop;
+    int slot_full;
+    grpc_event slot;             /* the one event the poller hands over */
+    int queue_shutdown_seen;
+    /* loop thread only */
+    int pending_empty;           /* the last drain pass ended on an empty poll */
+    Counters *counters;          /* module-wide, poller writes under mu */
+} Bridge;
+
+/* ---- server ---- */
+struct ServerObject;
+
+typedef struct {
+    Tag tag;
+    struct ServerObject *server;
+    struct MethodEntry *method;  /* NULL for a generic (unregistered) request */
+    grpc_call *call;
+    gpr_timespec deadline;
+    grpc_metadata_array metadata;
+    grpc_byte_buffer *payload;
+    grpc_call_details details;   /* generic requests only */
+} RequestSlot;
+
+typedef struct MethodEntry {
+    char *path;                  /* "/pkg.Service/Method", owned */
+    PyObject *path_str;          /* the same, as str (task name) */
+    PyObject *behavior;          /* async def (request, context) */
+    PyObject *deserializer;      /* callable or None */
+    PyObject *serializer;        /* callable or None */
+    void *registered;            /* grpc_server_register_method handle */
+} MethodEntry;
+
+enum { SERVER_NEW = 0, SERVER_STARTED, SERVER_SHUTTING_DOWN, SERVER_CLOSED };
+
+typedef struct ServerObject {
+    PyObject_HEAD
+    ModuleState *state;
+    PyObject *module;            /* strong ref: keeps state alive */
+    grpc_server *server;
+    Bridge bridge;
+    int phase;
+    MethodEntry *methods;
+    Py_ssize_t n_methods;
+    RequestSlot *slots;          /* all outstanding request slots */
+    Py_ssize_t n_slots;
+    Py_ssize_t slots_outstanding;
+    Py_ssize_t max_concurrent;   /* 0: unlimited */
+    Py_ssize_t active_calls;
+    Tag shutdown_tag;
+    int shutdown_started;        /* grpc_server_shutdown_and_notify called */
+    int shutdown_done;           /* ... and its tag fired */
+    PyObject *shutdown_future;   /* resolved when the shutdown tag fires */
+    /* set by start() */
+    PyObject *loop;
+    PyObject *create_task;       /* bound loop.create_task */
+    PyObject *call_soon;         /* bound loop.call_soon */
+    PyObject *drain_cb;          /* bound self._drain */
+    PyObject *context_class;     /* subclass of Call to instantiate */
+    PyObject *hooks;             /* Python server: dispatch_generic, handler_error */
+    PyObject *weakreflist;
+} ServerObject;
+
+/* ---- call ---- */
+typedef struct {
+    grpc_metadata *items;
+    size_t count;
+} SendMetadata;
+
+/* A batch started on the call whose completion resolves a future. */
+typedef struct {
+    Tag tag;
+    PyObject *future;            /* asyncio.Future or NULL */
+    grpc_byte_buffer *recv;      /* RECV_MESSAGE target */
+    grpc_byte_buffer *send;      /* SEND_MESSAGE payload */
+    SendMetadata md;             /* metadata kept alive for the batch */
+    int active;
+} FutureOp;
+
+typedef struct CallObject {
+    PyObject_HEAD
+    ServerObject *server;        /* strong ref */
+    grpc_call *call;             /* NULL once released to the core */
+    MethodEntry *method;         /* registered method, or NULL */
+    PyObject *method_str;        /* full method path (str) */
+    gpr_timespec deadline;       /* GPR_CLOCK_MONOTONIC */
+    grpc_metadata_array request_md;  /* entries owned by the call */
+    PyObject *invocation_md;     /* tuple, converted lazily */
+    PyObject *task;
+    PyObject *behavior, *deserializer, *serializer;
+    /* status and metadata set by the handler */
+    int code;
+    PyObject *code_obj;          /* the code object the handler gave, or NULL */
+    PyObject *details;           /* str or NULL */
+    PyObject *trailing_md_obj;   /* tuple as given (validated) */
+    SendMetadata trailing_md;
+    PyObject *done_callbacks;    /* list or NULL */
+    /* batches */
+    Tag recv_close_tag;
+    int recv_close_cancelled;
+    Tag finish_tag;
+    FutureOp initial_md_op;
+    FutureOp read_op;
+    SendMetadata finish_initial_md;
+    grpc_byte_buffer *finish_payload;
+    int pending_batches;
+    /* flags */
+    unsigned initial_md_sent : 1;
+    unsigned status_sent : 1;    /* the final batch was started */
+    unsigned terminated : 1;     /* recv_close fired: the RPC is over */
+    unsigned cancelled : 1;      /* ... and it was cancelled / deadline */
+    unsigned aborted : 1;
+    unsigned task_done : 1;
+    unsigned counted_active : 1;
+    PyObject *weakreflist;
+} CallObject;
+
+#endif
