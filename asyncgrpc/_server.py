@@ -127,15 +127,26 @@ class Server:
         if not self._started:
             self._core.close()
             return
+        assert self._loop is not None
         if self._stop_task is None:
             self._stop_task = asyncio.ensure_future(self._stop(grace))
         await asyncio.shield(self._stop_task)
 
     async def _stop(self, grace: Optional[float]) -> None:
+        if grace:
+            # Refuse new calls ourselves and let the in-flight ones finish
+            # while the connections stay open: shutting the core down first
+            # sends GOAWAY and closes each connection as its last stream ends,
+            # which can reset a socket before the client has read the reply.
+            self._core.draining = True
+            deadline = self._loop.time() + grace
+            while self._core.active_calls and self._loop.time() < deadline:
+                await asyncio.sleep(0.01)
         done = self._core.shutdown()
         if grace:
+            remaining = max(0.0, deadline - self._loop.time())
             try:
-                await asyncio.wait_for(asyncio.shield(done), grace)
+                await asyncio.wait_for(asyncio.shield(done), remaining)
             except asyncio.TimeoutError:
                 pass
         if not done.done():

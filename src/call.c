@@ -619,6 +619,10 @@ call_py_send_initial_metadata(CallObject *self, PyObject *metadata)
                         "initial metadata was already sent");
         return NULL;
     }
+    if (self->server->loop == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the server is closed");
+        return NULL;
+    }
     SendMetadata md;
     if (metadata_from_object(metadata, &md) < 0) {
         return NULL;

@@ -30,6 +30,7 @@
 
 static void on_request(Tag *tag, int ok);
 static void on_shutdown(Tag *tag, int ok);
+static int server_clear(ServerObject *self);
 
 /* ------------------------------------------------------------------ */
 /* construction                                                        */
@@ -321,7 +322,12 @@ on_request(Tag *tag, int ok)
         return;
     }
     call_start_recv_close(call);
-    if (self->max_concurrent > 0 && self->active_calls >= self->max_concurrent) {
+    if (self->draining) {
+        call_finish_status(call, GRPC_STATUS_UNAVAILABLE,
+                           "The server is shutting down");
+    }
+    else if (self->max_concurrent > 0 &&
+             self->active_calls >= self->max_concurrent) {
         self->state->counters.rpcs_rejected++;
         call_finish_status(call, GRPC_STATUS_RESOURCE_EXHAUSTED,
                            "Concurrent RPC limit exceeded!");
@@ -796,6 +802,9 @@ server_close(ServerObject *self, PyObject *Py_UNUSED(ignored))
         self->phase = SERVER_CLOSED;
         close_core(self);
     }
+    /* Nothing will be dispatched any more: drop the loop and the Python
+     * server now, which also breaks the hooks <-> server cycle. */
+    server_clear(self);
     Py_RETURN_NONE;
 }
 
@@ -803,6 +812,24 @@ static PyObject *
 server_get_active_calls(ServerObject *self, void *Py_UNUSED(closure))
 {
     return PyLong_FromSsize_t(self->active_calls);
+}
+
+static PyObject *
+server_get_draining(ServerObject *self, void *Py_UNUSED(closure))
+{
+    return PyBool_FromLong(self->draining);
+}
+
+static int
+server_set_draining(ServerObject *self, PyObject *value,
+                    void *Py_UNUSED(closure))
+{
+    int v = value ? PyObject_IsTrue(value) : 0;
+    if (v < 0) {
+        return -1;
+    }
+    self->draining = v;
+    return 0;
 }
 
 static PyObject *
@@ -909,6 +936,8 @@ static PyMethodDef server_methods[] = {
 static PyGetSetDef server_getset[] = {
     {"active_calls", (getter)server_get_active_calls, NULL,
      "RPCs accepted and not yet terminated.", NULL},
+    {"draining", (getter)server_get_draining, (setter)server_set_draining,
+     "While true, new calls are answered UNAVAILABLE (graceful stop).", NULL},
     {"phase", (getter)server_get_phase, NULL,
      "'new', 'started', 'shutting_down' or 'closed'.", NULL},
     {NULL, NULL, NULL, NULL, NULL},
