@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Set up what is missing and run one of the project's jobs.
+#
+#   bash scripts/dev.sh example    set up, build, run the greeter example
+#   bash scripts/dev.sh test       set up, build, run the whole test suite
+#   bash scripts/dev.sh test-asan  rebuild with AddressSanitizer+UBSan, run
+#                                  the suite, then rebuild the normal way
+#
+# Set-up: Debian/Ubuntu packages (sudo when not root), then a virtualenv in
+# .venv with the package (editable, so the C extension is built in place)
+# and its test dependencies. Each step is skipped when already done.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+VENV="$ROOT/.venv"
+PY="$VENV/bin/python"
+APT_PACKAGES=(libgrpc-dev libprotobuf-c-dev protobuf-c-compiler pkg-config gcc)
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
+as_root() {
+    if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+ensure_apt() {
+    local missing=() pkg
+    local wanted=("${APT_PACKAGES[@]}")
+    # A distribution python3 needs venv and headers from apt too; a pyenv or
+    # other self-built python3 brings its own.
+    if ! python3 -c 'import venv, ensurepip' >/dev/null 2>&1; then wanted+=(python3-venv); fi
+    if [ ! -e "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ]; then
+        wanted+=(python3-dev)
+    fi
+    for pkg in "${wanted[@]}"; do
+        dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+    done
+    if [ ${#missing[@]} -gt 0 ]; then
+        if ! command -v apt-get >/dev/null; then
+            echo "missing system packages: ${missing[*]} (install the gRPC C core and pkg-config with your package manager)" >&2
+            exit 1
+        fi
+        log "apt-get install ${missing[*]}"
+        as_root apt-get update -qq
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    fi
+}
+
+ensure_venv() {
+    if [ ! -x "$PY" ]; then
+        log "creating $VENV"
+        python3 -m venv "$VENV"
+    fi
+    # Reinstall only when the sources changed since the last install.
+    local stamp="$VENV/.asyncgrpc-installed" newest
+    newest=$(find setup.py pyproject.toml src asyncgrpc -newer "$stamp" -type f \
+             \( -name '*.c' -o -name '*.h' -o -name '*.py' -o -name '*.toml' -o -name '*.pyi' \) \
+             2>/dev/null | head -1 || true)
+    if [ ! -f "$stamp" ] || [ -n "$newest" ] || ! ls asyncgrpc/_core*.so >/dev/null 2>&1; then
+        log "installing asyncgrpc and its test dependencies into $VENV"
+        "$PY" -m pip install -q --upgrade pip setuptools wheel
+        "$PY" -m pip install -q -e ".[test]"
+        touch "$stamp"
+    fi
+}
+
+run_tests() {
+    # -X dev: asyncio debug mode, resource warnings, extra C API checks.
+    "$PY" -X dev -m pytest -q -p no:cacheprovider "$@"
+}
+
+asan_runtime() {
+    gcc -print-file-name=libasan.so
+}
+
+case "${1:-}" in
+    example)
+        ensure_apt; ensure_venv
+        "$PY" examples/greeter/run_example.py
+        ;;
+    test)
+        shift
+        ensure_apt; ensure_venv
+        run_tests "$@"
+        ;;
+    test-asan)
+        shift
+        ensure_apt; ensure_venv
+        log "building the extension with AddressSanitizer + UBSan"
+        ASYNCGRPC_SANITIZE=address "$PY" setup.py -q build_ext --inplace --force >/dev/null
+        status=0
+        # Python itself is not instrumented: preload the runtime, and leave
+        # leak checking off (the interpreter keeps objects alive at exit).
+        LD_PRELOAD="$(asan_runtime)" \
+        ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+        UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+            "$PY" -m pytest -q -p no:cacheprovider "$@" || status=$?
+        log "rebuilding the normal extension"
+        "$PY" setup.py -q build_ext --inplace --force >/dev/null
+        exit $status
+        ;;
+    *)
+        echo "usage: bash scripts/dev.sh example|test|test-asan [pytest args]" >&2
+        exit 2
+        ;;
+esac
