@@ -393,6 +393,13 @@ class _ProcessPool:
 
     def __init__(self, workers: int, start_method: str) -> None:
         self.ctx = multiprocessing.get_context(start_method)
+        if start_method == "forkserver":
+            # By default the fork server imports __main__ (the server program, so
+            # grpc and our C core too) and forks every worker from that state. We
+            # want it to hold nothing but the interpreter: each worker imports the
+            # main module itself, after the fork. (Process-wide setting; it has
+            # no effect once a fork server is running.)
+            self.ctx.set_forkserver_preload([])
         self.workers = workers
         self.jobs: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.slots: list[_Slot] = []

@@ -27,21 +27,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _import_executor() -> Any:
-    """``asyncgrpc.executor`` without needing the C extension.
+    """Load asyncgrpc/executor.py as the top-level module ``executor``.
 
-    Works today because asyncgrpc/ imports as a namespace package until it has an
-    ``__init__.py``; if the package's ``__init__`` fails (extension not built), the
-    module is imported as top-level ``executor`` from its folder. A plain import
-    by name (not ``spec_from_file_location``) is needed either way: worker
-    processes look ``_worker_main`` up by module name, with this sys.path.
+    The package's ``__init__`` loads the C extension, which these tests must not
+    need (it may be unbuilt, or built with sanitizers), so the module is imported
+    from its folder. A plain import by name (not ``spec_from_file_location``) is
+    needed because worker processes look ``executor._worker_main`` up by module
+    name, with the sys.path they inherit from this process. Once the package
+    imports cleanly everywhere, this can become ``from asyncgrpc import executor``.
     """
-    if str(ROOT) not in sys.path:
-        sys.path.insert(0, str(ROOT))
-    try:
-        from asyncgrpc import executor as module
-    except ImportError:
-        sys.path.insert(0, str(ROOT / "asyncgrpc"))
-        import executor as module  # type: ignore[import-not-found, no-redef]
+    folder = str(ROOT / "asyncgrpc")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    import executor as module  # type: ignore[import-not-found]
+
     return module
 
 
