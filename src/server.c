@@ -414,6 +414,10 @@ static PyObject *
 server_on_wakeup(ServerObject *self, PyObject *Py_UNUSED(ignored))
 {
     Bridge *b = &self->bridge;
+    if (self->phase == SERVER_CLOSED) {
+        /* A wake-up already queued when close() removed the reader. */
+        Py_RETURN_NONE;
+    }
     self->state->counters.wakeups++;
     bridge_ack_wakeup(b);
     grpc_event ev;
