@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from . import _core
 from ._status import StatusCode, code_to_int
@@ -144,13 +144,15 @@ class ServicerContext(_core.Call):
             self._run_one_callback(callback)
 
     def peer_identities(self) -> Optional[Sequence[bytes]]:
-        """The authenticated identities of the peer (None on insecure ports)."""
-        return None
+        """The authenticated identities of the peer, or None if the peer is
+        not authenticated (always None on insecure ports)."""
+        return self._auth()[2]
 
     def peer_identity_key(self) -> Optional[str]:
-        """The auth property that names the peer (None on insecure ports)."""
-        return None
+        """The auth property that names the peer, or None if unauthenticated."""
+        return self._auth()[1]
 
-    def auth_context(self) -> dict:
-        """The auth properties of the peer's transport."""
-        return {"transport_security_type": [b"insecure"]}
+    def auth_context(self) -> Dict[str, List[bytes]]:
+        """The auth properties of the call's transport, read from the core
+        (e.g. ``{"transport_security_type": [b"insecure"]}``)."""
+        return self._auth()[0]

@@ -29,6 +29,7 @@ class Call:
     _aborted: bool
     _initial_metadata_sent: bool
     _status_sent: bool
+    def _auth(self) -> Tuple[dict[str, list[bytes]], Optional[str], Optional[list[bytes]]]: ...
     def _on_task_done(self, task: Any) -> None: ...
     def _run_unary(self, behavior: Callable[..., Any],
                    deserializer: Optional[Callable[[bytes], Any]],

@@ -18,6 +18,7 @@
 #include "call.h"
 
 #include <string.h>
+#include <grpc/grpc_security.h>
 #include <grpc/slice.h>
 
 #include "byte_buffer.h"
@@ -785,6 +786,66 @@ call_peer(CallObject *self, PyObject *Py_UNUSED(ignored))
     return s;
 }
 
+/* Call._auth() -> (properties: dict[str, list[bytes]], identity key or
+ * None, identities: list[bytes] or None), read from the core. */
+static PyObject *
+call_auth(CallObject *self, PyObject *Py_UNUSED(ignored))
+{
+    PyObject *props = PyDict_New();
+    if (props == NULL) {
+        return NULL;
+    }
+    if (self->call == NULL) {
+        return Py_BuildValue("(NOO)", props, Py_None, Py_None);
+    }
+    grpc_auth_context *ctx = grpc_call_auth_context(self->call);
+    if (ctx == NULL) {
+        return Py_BuildValue("(NOO)", props, Py_None, Py_None);
+    }
+    PyObject *identities = Py_NewRef(Py_None);
+    PyObject *key = Py_NewRef(Py_None);
+    grpc_auth_property_iterator it = grpc_auth_context_property_iterator(ctx);
+    const grpc_auth_property *p;
+    while ((p = grpc_auth_property_iterator_next(&it)) != NULL) {
+        PyObject *value = PyBytes_FromStringAndSize(p->value,
+                                                    (Py_ssize_t)p->value_length);
+        PyObject *list = value ? PyDict_GetItemString(props, p->name) : NULL;
+        int rc = -1;
+        if (value != NULL && list != NULL) {
+            rc = PyList_Append(list, value);
+        }
+        else if (value != NULL) {
+            PyObject *fresh = PyList_New(1);
+            if (fresh != NULL) {
+                PyList_SET_ITEM(fresh, 0, Py_NewRef(value));
+                rc = PyDict_SetItemString(props, p->name, fresh);
+                Py_DECREF(fresh);
+            }
+        }
+        Py_XDECREF(value);
+        if (rc < 0) {
+            goto error;
+        }
+    }
+    const char *id_name = grpc_auth_context_peer_identity_property_name(ctx);
+    if (id_name != NULL && grpc_auth_context_peer_is_authenticated(ctx)) {
+        Py_SETREF(key, PyUnicode_FromString(id_name));
+        PyObject *ids = PyDict_GetItemString(props, id_name);
+        Py_SETREF(identities, ids ? PySequence_List(ids) : Py_NewRef(Py_None));
+        if (key == NULL || identities == NULL) {
+            goto error;
+        }
+    }
+    grpc_auth_context_release(ctx);
+    return Py_BuildValue("(NNN)", props, key, identities);
+error:
+    grpc_auth_context_release(ctx);
+    Py_DECREF(props);
+    Py_XDECREF(key);
+    Py_XDECREF(identities);
+    return NULL;
+}
+
 static PyObject *
 call_time_remaining(CallObject *self, PyObject *Py_UNUSED(ignored))
 {
@@ -882,6 +943,7 @@ static PyMethodDef call_methods[] = {
      "True if the RPC was cancelled by the client or by its deadline."},
     {"done", (PyCFunction)call_done, METH_NOARGS,
      "True once the RPC has terminated."},
+    {"_auth", (PyCFunction)call_auth, METH_NOARGS, NULL},
     {"_on_task_done", (PyCFunction)call_on_task_done, METH_O, NULL},
     {"_run_unary", (PyCFunction)(void (*)(void))call_py_run_unary,
      METH_FASTCALL, NULL},

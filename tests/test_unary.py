@@ -366,3 +366,17 @@ def test_stats_count_events_per_rpc(server_thread):
     assert events == 3 * rpcs
     assert after["wakeups"] > before["wakeups"]
     assert after["eventfd_writes"] - before["eventfd_writes"] <= events
+
+
+def test_peer_and_auth_context_on_insecure_port(server_thread, recorder):
+    async def who(request, context):
+        recorder.add((context.peer(), context.auth_context(),
+                      context.peer_identities(), context.peer_identity_key()))
+        return b""
+    server_thread.start(lambda s: add_raw_methods(s, {"Who": who}))
+    with grpc.insecure_channel(server_thread.target) as channel:
+        channel.unary_unary(path("Who"))(b"", timeout=10)
+    peer, auth, identities, key = recorder.items[0]
+    assert peer.startswith("ipv4:127.0.0.1:")
+    assert auth.get("transport_security_type") == [b"insecure"]
+    assert identities is None and key is None
