@@ -26,7 +26,7 @@ import time
 import traceback
 from typing import Any
 
-__all__ = ["Watchdog", "DEFAULT_THRESHOLD"]
+__all__ = ["DEFAULT_THRESHOLD", "Watchdog", "describe_task"]
 
 DEFAULT_THRESHOLD = 0.1
 _DEFAULT_TASK_NAME = re.compile(r"Task-\d+\Z")  # what asyncio calls an unnamed task

@@ -20,6 +20,14 @@ module-level functions use the most recently installed ``Lanes``; with none
 installed they use a default ``Lanes`` created on first use and shut down at
 interpreter exit.
 
+What the process lane needs from user code, as any spawn/forkserver pool does:
+functions (and the classes of arguments and results) must be importable by
+module and name, and the main program must keep its start-up code under
+``if __name__ == "__main__":``, because each worker imports the main module.
+Calls are pickled in the caller, so a lambda or a lock fails at once with a
+``TypeError`` naming it. The one fork server process (shared by every user of
+the forkserver context) lives until this process exits; it holds no gRPC state.
+
 This module imports nothing from the rest of the package, so it can be loaded
 (and its worker processes can import it) without the C extension.
 """
@@ -44,7 +52,7 @@ import time
 import traceback
 import weakref
 from collections.abc import Callable, Coroutine
-from typing import Any, Generic, ParamSpec, TypeVar
+from typing import Any, Generic, ParamSpec, TypeVar, cast
 
 __all__ = [
     "Lanes",
@@ -155,11 +163,11 @@ def _unpack_reply(reply: bytes) -> tuple[bool, Any]:
         return False, _RemoteError(f"could not decode the worker's reply: {exc!r}")
     if ok:
         return True, rest[0]
-    exc, tb = rest
-    if exc is None:
-        exc = _RemoteError(tb.strip().splitlines()[-1] if tb.strip() else "unknown error")
-    exc.__cause__ = RemoteTraceback(tb)
-    return False, exc
+    error, tb = rest
+    if error is None:
+        error = _RemoteError(tb.strip().splitlines()[-1] if tb.strip() else "unknown error")
+    error.__cause__ = RemoteTraceback(tb)
+    return False, error
 
 
 # --------------------------------------------------------------------------- worker side
@@ -212,7 +220,7 @@ def _worker_main(conn: multiprocessing.connection.Connection) -> None:
 
 
 class _Job:
-    __slots__ = ("payload", "future", "name")
+    __slots__ = ("future", "name", "payload")
 
     def __init__(self, payload: bytes, future: concurrent.futures.Future[Any], name: str) -> None:
         self.payload = payload
@@ -244,7 +252,7 @@ class _Slot:
     # run, and the atexit hook is what tells this thread to stop.
 
     def _start_worker(self) -> None:
-        ctx = self.pool.ctx
+        ctx: Any = self.pool.ctx
         parent_conn, child_conn = ctx.Pipe(duplex=True)
         proc = ctx.Process(
             target=_worker_main,
@@ -278,7 +286,7 @@ class _Slot:
         if proc.exitcode is None:
             proc.kill()
             proc.join(1.0)
-        code = proc.exitcode
+        code: int | None = proc.exitcode
         if code is not None:
             proc.close()
         return code
@@ -327,9 +335,7 @@ class _Slot:
         except (EOFError, OSError):
             code = self._drop_worker()
             if self.pool.closed:
-                job.future.set_exception(
-                    LanesClosedError(f"process lane shut down while running {job.name}")
-                )
+                job.future.set_exception(LanesClosedError(f"process lane shut down while running {job.name}"))
                 return
             self.pool._note_crash()
             job.future.set_exception(
@@ -486,9 +492,7 @@ class _ProcessPool:
         with self._lock:
             return {
                 "process_workers": self.workers,
-                "process_workers_alive": sum(
-                    1 for s in self.slots if _pid_if_alive(s.proc) is not None
-                ),
+                "process_workers_alive": sum(1 for s in self.slots if _pid_if_alive(s.proc) is not None),
                 "process_busy": sum(1 for s in self.slots if s.busy),
                 "process_queued": self._queued,
                 "process_completed": self._done,
@@ -712,7 +716,8 @@ class _CpuBound(Generic[P, R]):
         self._asyncgrpc_inline = fn
 
     def __call__(self, *args: P.args, **kwargs: P.kwargs) -> Coroutine[Any, Any, R]:
-        return run_in_process(self, *args, **kwargs)
+        # Sent as itself: it pickles by name, and the worker unwraps it.
+        return run_in_process(cast(Callable[..., R], self), *args, **kwargs)
 
     def __reduce__(self) -> str:
         # A string tells pickle "a global of this name in my __module__"; pickle
@@ -742,4 +747,3 @@ def _shutdown_all() -> None:
 
 
 atexit.register(_shutdown_all)
-
