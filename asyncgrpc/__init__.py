@@ -25,6 +25,15 @@ from ._handlers import (
     unary_unary_rpc_method_handler,
 )
 from ._server import Server, server
+from .executor import (
+    Lanes,
+    LanesClosedError,
+    RemoteTraceback,
+    WorkerCrashedError,
+    cpu_bound,
+    run_in_process,
+    run_in_thread,
+)
 from ._status import StatusCode
 
 __version__ = "0.1.0"
@@ -34,6 +43,13 @@ __all__ = [
     "BaseError",
     "EOF",
     "GenericRpcHandler",
+    "Lanes",
+    "LanesClosedError",
+    "RemoteTraceback",
+    "WorkerCrashedError",
+    "cpu_bound",
+    "run_in_process",
+    "run_in_thread",
     "HandlerCallDetails",
     "RpcMethodHandler",
     "Server",

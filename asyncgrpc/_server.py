@@ -8,7 +8,7 @@ import inspect
 import logging
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
-from . import _core
+from . import _core, _watchdog, executor
 from ._context import ServicerContext
 from ._handlers import HandlerCallDetails, method_paths
 from ._status import StatusCode
@@ -52,6 +52,10 @@ class Server:
         options: Optional[ChannelOptions] = None,
         maximum_concurrent_rpcs: Optional[int] = None,
         compression: Optional[Any] = None,
+        *,
+        process_workers: Optional[int] = None,
+        thread_workers: Optional[int] = None,
+        blocked_loop_threshold: Optional[float] = 0.1,
     ) -> None:
         if interceptors:
             raise NotImplementedError(
@@ -62,6 +66,12 @@ class Server:
         if maximum_concurrent_rpcs is not None and maximum_concurrent_rpcs < 1:
             raise ValueError("maximum_concurrent_rpcs must be None or >= 1")
         self._thread_pool = migration_thread_pool
+        # The three lanes: this server's process pool and thread pool (found
+        # by asyncgrpc.run_in_process / run_in_thread while it runs), and the
+        # watchdog that reports a blocked loop.
+        self._lanes = executor.Lanes(process_workers, thread_workers)
+        self._blocked_loop_threshold = blocked_loop_threshold
+        self._watchdog: Optional[_watchdog.Watchdog] = None
         self._core = _core.Server(tuple(options or ()), maximum_concurrent_rpcs or 0)
         self._generic_handlers: list = []
         # path -> handler, from add_registered_method_handlers and from the
@@ -120,12 +130,17 @@ class Server:
         self._terminated = asyncio.Event()
         self._core.start(loop, ServicerContext, self)
         self._started = True
+        self._lanes.start()
+        executor._install(self._lanes)
+        self._watchdog = _watchdog.Watchdog(loop, self._blocked_loop_threshold)
+        self._watchdog.start()
 
     async def stop(self, grace: Optional[float]) -> None:
         """Stop: refuse new RPCs, let those in flight finish within ``grace``
         seconds, then cancel the rest. ``stop(None)`` cancels at once."""
         if not self._started:
             self._core.close()
+            self._lanes.shutdown()
             return
         assert self._loop is not None
         if self._stop_task is None:
@@ -153,8 +168,22 @@ class Server:
             self._core.cancel_all_calls()
             await done
         self._core.close()
+        if self._watchdog is not None:
+            self._watchdog.stop()
+        executor._uninstall(self._lanes)
+        await self._lanes.stop()
         assert self._terminated is not None
         self._terminated.set()
+
+    def stats(self) -> Dict[str, Any]:
+        """Counters of this server's lanes and watchdog, and the process-wide
+        counters of the C core (see :func:`asyncgrpc.stats`)."""
+        out: Dict[str, Any] = dict(_core.stats())
+        out["active_calls"] = self._core.active_calls
+        out.update(self._lanes.stats())
+        if self._watchdog is not None:
+            out.update(self._watchdog.stats())
+        return out
 
     async def wait_for_termination(self, timeout: Optional[float] = None) -> bool:
         """Wait until the server stopped; True if ``timeout`` ran out first."""
@@ -212,8 +241,14 @@ class Server:
         call._run_unary(self._behavior(handler.unary_unary),
                         handler.request_deserializer, handler.response_serializer)
 
-    def _report(self, kind: str, call: ServicerContext, exc: Optional[BaseException]) -> None:
+    def _report(self, kind: str, call: ServicerContext,
+                exc: Optional[BaseException]) -> Optional[int]:
+        """Log an error of ``call``; for a handler's exception, return the
+        status code to send if it is not UNKNOWN."""
         method = call._method
+        if kind == "handler" and isinstance(exc, executor.WorkerCrashedError):
+            _LOGGER.error("the worker process running %s died: %s", method, exc)
+            return StatusCode.INTERNAL.value[0]
         if kind == "handler":
             _LOGGER.error("Unexpected %s raised by servicer method %s",
                           type(exc).__name__, method, exc_info=exc)
@@ -223,6 +258,7 @@ class Server:
             _LOGGER.error("Exception serializing response for %s", method, exc_info=exc)
         else:
             _LOGGER.error("%s error in %s", kind, method, exc_info=exc)
+        return None
 
 
 def server(
@@ -232,6 +268,10 @@ def server(
     options: Optional[ChannelOptions] = None,
     maximum_concurrent_rpcs: Optional[int] = None,
     compression: Optional[Any] = None,
+    *,
+    process_workers: Optional[int] = None,
+    thread_workers: Optional[int] = None,
+    blocked_loop_threshold: Optional[float] = 0.1,
 ) -> Server:
     """Create a server; the drop-in replacement of ``grpc.aio.server()``.
 
@@ -245,6 +285,16 @@ def server(
         maximum_concurrent_rpcs: RPCs beyond this many in flight get
             RESOURCE_EXHAUSTED.
         compression: not supported yet (NotImplementedError if given).
+        process_workers: size of the server's process pool, used by
+            ``asyncgrpc.run_in_process`` and ``@asyncgrpc.cpu_bound``
+            (default ``os.cpu_count()``; workers start on first use).
+        thread_workers: size of the server's thread pool, used by
+            ``asyncgrpc.run_in_thread`` (default ``min(32, cpus + 4)``).
+        blocked_loop_threshold: seconds the event loop may go without
+            turning before a warning names the running handler; None or 0
+            turns the watchdog off.
     """
     return Server(migration_thread_pool, handlers, interceptors, options,
-                  maximum_concurrent_rpcs, compression)
+                  maximum_concurrent_rpcs, compression,
+                  process_workers=process_workers, thread_workers=thread_workers,
+                  blocked_loop_threshold=blocked_loop_threshold)

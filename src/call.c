@@ -197,19 +197,21 @@ call_start_recv_close(CallObject *self)
     return 0;
 }
 
-/* Report an error to the Python server (logging); never fails. */
-static void
+/* Report an error to the Python server (it logs it). Returns the status
+ * code the server asks for (hooks._report may return an int), or -1. Never
+ * leaves an exception set. */
+static int
 report(CallObject *self, const char *kind, PyObject *exc)
 {
     ModuleState *st = self->server->state;
     PyObject *hooks = self->server->hooks;
     if (hooks == NULL) {
-        return;
+        return -1;
     }
     PyObject *kind_str = PyUnicode_FromString(kind);
     if (kind_str == NULL) {
         PyErr_WriteUnraisable((PyObject *)self);
-        return;
+        return -1;
     }
     PyObject *r = PyObject_CallMethodObjArgs(hooks, st->str_report, kind_str,
                                              (PyObject *)self,
@@ -217,8 +219,18 @@ report(CallObject *self, const char *kind, PyObject *exc)
     Py_DECREF(kind_str);
     if (r == NULL) {
         PyErr_WriteUnraisable(hooks);
+        return -1;
     }
-    Py_XDECREF(r);
+    int code = -1;
+    if (PyLong_Check(r)) {
+        code = as_int(r);
+        if (code < 1 || code > 16) {
+            PyErr_Clear();
+            code = -1;
+        }
+    }
+    Py_DECREF(r);
+    return code;
 }
 
 /* The final batch: initial metadata (unless sent), an optional message and
@@ -372,9 +384,10 @@ finish_with_exception(CallObject *self, PyObject *exc)
         }
         return;
     }
-    report(self, "handler", exc);
-    grpc_status_code code = self->code == GRPC_STATUS_OK
-        ? GRPC_STATUS_UNKNOWN : (grpc_status_code)self->code;
+    int asked = report(self, "handler", exc);
+    grpc_status_code code = self->code != GRPC_STATUS_OK
+        ? (grpc_status_code)self->code
+        : asked > 0 ? (grpc_status_code)asked : GRPC_STATUS_UNKNOWN;
     PyObject *details = PyUnicode_FromFormat("Unexpected %R: %S",
                                              (PyObject *)Py_TYPE(exc), exc);
     if (details == NULL) {

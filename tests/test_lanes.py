@@ -27,19 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _import_executor() -> Any:
-    """Load asyncgrpc/executor.py as the top-level module ``executor``.
-
-    The package's ``__init__`` loads the C extension, which these tests must not
-    need (it may be unbuilt, or built with sanitizers), so the module is imported
-    from its folder. A plain import by name (not ``spec_from_file_location``) is
-    needed because worker processes look ``executor._worker_main`` up by module
-    name, with the sys.path they inherit from this process. Once the package
-    imports cleanly everywhere, this can become ``from asyncgrpc import executor``.
-    """
-    folder = str(ROOT / "asyncgrpc")
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    import executor as module  # type: ignore[import-not-found]
+    """The module under test (kept as a function so the tests read the same)."""
+    from asyncgrpc import executor as module
 
     return module
 

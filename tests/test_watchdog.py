@@ -20,15 +20,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _import_watchdog() -> Any:
-    """Load asyncgrpc/_watchdog.py as the top-level module ``_watchdog``.
-
-    As in test_lanes.py: the package's ``__init__`` needs the C extension, which
-    these tests must not; this can become ``from asyncgrpc import _watchdog``.
-    """
-    folder = str(ROOT / "asyncgrpc")
-    if folder not in sys.path:
-        sys.path.insert(0, folder)
-    import _watchdog as module  # type: ignore[import-not-found]
+    """The module under test (kept as a function so the tests read the same)."""
+    from asyncgrpc import _watchdog as module
 
     return module
 
