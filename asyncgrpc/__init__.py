@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Dict
 
 from . import _core
+from ._compression import Compression
 from ._context import EOF, AbortError, BaseError, ServicerContext, UsageError
 from ._handlers import (
     GenericRpcHandler,
@@ -41,6 +42,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AbortError",
     "BaseError",
+    "Compression",
     "EOF",
     "GenericRpcHandler",
     "Lanes",

@@ -10,6 +10,7 @@ import logging
 from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
 
 from . import _core
+from ._compression import compression_name
 from ._status import StatusCode, code_to_int
 
 __all__ = ["ServicerContext", "AbortError", "UsageError", "BaseError", "EOF"]
@@ -65,6 +66,57 @@ class ServicerContext(_core.Call):
     """
 
     __slots__ = ()
+
+    async def read(self) -> Any:
+        """The next request message, or ``asyncgrpc.EOF`` once the client
+        has half-closed (request-streaming RPCs only)."""
+        if not self._request_streaming:
+            raise UsageError("read() is only for request-streaming RPCs")
+        raw = await self._read()
+        if raw is None:
+            return EOF
+        deserializer = self._deserializer
+        if deserializer is None:
+            return raw
+        try:
+            return deserializer(raw)
+        except Exception:
+            _LOGGER.exception("Exception deserializing request for %s", self._method)
+            await self.abort(StatusCode.INTERNAL, "Exception deserializing request!")
+
+    async def write(self, message: Any) -> None:
+        """Send one response message (response-streaming RPCs only).
+
+        Returns once the transport has taken the message, so a slow client
+        slows the writer instead of growing the server's memory.
+        """
+        if not self._response_streaming:
+            raise UsageError("write() is only for response-streaming RPCs")
+        serializer = self._serializer
+        if serializer is None:
+            raw = message
+        else:
+            try:
+                raw = serializer(message)
+            except Exception:
+                _LOGGER.exception("Exception serializing response for %s", self._method)
+                await self.abort(StatusCode.INTERNAL, "Failed to serialize response!")
+        if not await self._write(raw):
+            # The RPC is over (cancelled, deadline, or the client went away).
+            raise asyncio.CancelledError("the RPC has terminated")
+
+    def set_compression(self, compression: Any) -> None:
+        """Compress this RPC's responses with ``compression``
+        (``asyncgrpc.Compression`` or ``grpc.Compression``); call it before
+        the initial metadata is sent."""
+        if self._initial_metadata_sent:
+            raise UsageError("set_compression() must come before the initial "
+                             "metadata is sent")
+        self._set_compression(compression_name(compression))
+
+    def disable_next_message_compression(self) -> None:
+        """Send the next response message uncompressed."""
+        self._disable_next_compression()
 
     async def abort(self, code: Any, details: str = "",
                     trailing_metadata: Metadata = ()) -> NoReturn:

@@ -10,8 +10,10 @@ from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 from . import _core, _watchdog, executor
 from ._context import ServicerContext
+from ._compression import compression_number
 from ._handlers import HandlerCallDetails, method_paths
 from ._status import StatusCode
+from ._streaming import driver_for
 
 __all__ = ["Server", "server"]
 
@@ -28,12 +30,10 @@ def _is_async_handler(behavior: Any) -> bool:
             or inspect.iscoroutinefunction(getattr(behavior, "__call__", None)))
 
 
-def _streaming_kind(handler: Any) -> Optional[str]:
-    request, response = handler.request_streaming, handler.response_streaming
-    if not request and not response:
-        return None
-    return {(False, True): "unary-stream", (True, False): "stream-unary",
-            (True, True): "stream-stream"}[(bool(request), bool(response))]
+def _kind(handler: Any) -> str:
+    return {(False, False): "unary_unary", (False, True): "unary_stream",
+            (True, False): "stream_unary", (True, True): "stream_stream"}[
+        (bool(handler.request_streaming), bool(handler.response_streaming))]
 
 
 class Server:
@@ -60,9 +60,6 @@ class Server:
         if interceptors:
             raise NotImplementedError(
                 "asyncgrpc does not support server interceptors yet")
-        if compression is not None:
-            raise NotImplementedError(
-                "asyncgrpc does not support server-side compression yet")
         if maximum_concurrent_rpcs is not None and maximum_concurrent_rpcs < 1:
             raise ValueError("maximum_concurrent_rpcs must be None or >= 1")
         self._thread_pool = migration_thread_pool
@@ -72,7 +69,11 @@ class Server:
         self._lanes = executor.Lanes(process_workers, thread_workers)
         self._blocked_loop_threshold = blocked_loop_threshold
         self._watchdog: Optional[_watchdog.Watchdog] = None
-        self._core = _core.Server(tuple(options or ()), maximum_concurrent_rpcs or 0)
+        channel_args = list(options or ())
+        if compression is not None:
+            channel_args.append(("grpc.default_compression_algorithm",
+                                 compression_number(compression)))
+        self._core = _core.Server(tuple(channel_args), maximum_concurrent_rpcs or 0)
         self._generic_handlers: list = []
         # path -> handler, from add_registered_method_handlers and from the
         # generic handlers whose table we can read (first one wins).
@@ -122,10 +123,10 @@ class Server:
         self._check_not_started()
         loop = asyncio.get_running_loop()
         for path, handler in self._registered.items():
-            if _streaming_kind(handler) is None:
-                self._core.register_method(
-                    path, self._behavior(handler.unary_unary),
-                    handler.request_deserializer, handler.response_serializer)
+            self._core.register_method(
+                path, self._behavior(handler), handler.request_deserializer,
+                handler.response_serializer, handler.request_streaming,
+                handler.response_streaming)
         self._loop = loop
         self._terminated = asyncio.Event()
         self._core.start(loop, ServicerContext, self)
@@ -197,7 +198,16 @@ class Server:
         return False
 
     # -- called by the C core --------------------------------------------
-    def _behavior(self, behavior: Any) -> Any:
+    def _behavior(self, handler: Any) -> Any:
+        """The coroutine function the C core calls for ``handler``."""
+        kind = _kind(handler)
+        behavior = getattr(handler, kind)
+        if behavior is None:
+            raise TypeError(f"{handler!r} has request_streaming="
+                            f"{handler.request_streaming} and response_streaming="
+                            f"{handler.response_streaming} but no {kind} behavior")
+        if kind != "unary_unary":
+            return driver_for(kind, behavior, self._thread_pool)
         if _is_async_handler(behavior):
             return behavior
         pool = self._thread_pool
@@ -232,14 +242,9 @@ class Server:
         if handler is None:
             call._finish(StatusCode.UNIMPLEMENTED.value[0], "Method not found!")
             return
-        kind = _streaming_kind(handler)
-        if kind is not None:
-            call._finish(StatusCode.UNIMPLEMENTED.value[0],
-                         f"{method} is a {kind} method; this version of asyncgrpc "
-                         "serves unary-unary methods only")
-            return
-        call._run_unary(self._behavior(handler.unary_unary),
-                        handler.request_deserializer, handler.response_serializer)
+        call._run(self._behavior(handler), handler.request_deserializer,
+                  handler.response_serializer, handler.request_streaming,
+                  handler.response_streaming)
 
     def _report(self, kind: str, call: ServicerContext,
                 exc: Optional[BaseException]) -> Optional[int]:
@@ -284,7 +289,8 @@ def server(
             gRPC core (e.g. ``("grpc.max_receive_message_length", 1 << 20)``).
         maximum_concurrent_rpcs: RPCs beyond this many in flight get
             RESOURCE_EXHAUSTED.
-        compression: not supported yet (NotImplementedError if given).
+        compression: default compression of responses
+            (``asyncgrpc.Compression`` or ``grpc.Compression``).
         process_workers: size of the server's process pool, used by
             ``asyncgrpc.run_in_process`` and ``@asyncgrpc.cpu_bound``
             (default ``os.cpu_count()``; workers start on first use).

@@ -4,7 +4,7 @@
  * The Call type is the base of asyncgrpc.ServicerContext: the Python
  * subclass adds the friendly methods, this file holds the state and the hot
  * path. A unary RPC here is:
- *   new call (server.c) -> call_start_recv_close -> call_run_unary:
+ *   new call (server.c) -> call_start_recv_close -> call_run_handler:
  *   deserialize, behavior(request, context), loop.create_task(coro)
  *   -> task done callback (Call._on_task_done) -> serialize -> one batch
  *   SEND_INITIAL_METADATA + SEND_MESSAGE + SEND_STATUS_FROM_SERVER.
@@ -30,6 +30,7 @@ static void on_recv_close(Tag *tag, int ok);
 static void on_finish(Tag *tag, int ok);
 static void on_initial_md_sent(Tag *tag, int ok);
 static void on_read(Tag *tag, int ok);
+static void on_write(Tag *tag, int ok);
 
 /* ------------------------------------------------------------------ */
 /* life cycle                                                          */
@@ -56,6 +57,12 @@ call_new(ServerObject *server, MethodEntry *method, PyObject *method_str,
     self->finish_tag.complete = on_finish;
     self->initial_md_op.tag.complete = on_initial_md_sent;
     self->read_op.tag.complete = on_read;
+    self->write_op.tag.complete = on_write;
+    if (method != NULL) {
+        self->request_streaming = method->request_streaming != 0;
+        self->response_streaming = method->response_streaming != 0;
+        self->deserializer = Py_XNewRef(method->deserializer);
+    }
     server->state->counters.rpcs_started++;
     return self;
 }
@@ -94,7 +101,7 @@ call_maybe_release(CallObject *self)
     grpc_metadata_array_destroy(&self->request_md);
     grpc_metadata_array_init(&self->request_md);
     metadata_clear(&self->trailing_md);
-    metadata_clear(&self->finish_initial_md);
+    metadata_clear(&self->compression_md);
 }
 
 static int
@@ -114,6 +121,7 @@ call_traverse(CallObject *self, visitproc visit, void *arg)
     Py_VISIT(self->done_callbacks);
     Py_VISIT(self->initial_md_op.future);
     Py_VISIT(self->read_op.future);
+    Py_VISIT(self->write_op.future);
     return 0;
 }
 
@@ -133,6 +141,7 @@ call_clear(CallObject *self)
     Py_CLEAR(self->done_callbacks);
     Py_CLEAR(self->initial_md_op.future);
     Py_CLEAR(self->read_op.future);
+    Py_CLEAR(self->write_op.future);
     return 0;
 }
 
@@ -151,7 +160,7 @@ call_dealloc(CallObject *self)
     }
     grpc_metadata_array_destroy(&self->request_md);
     metadata_clear(&self->trailing_md);
-    metadata_clear(&self->finish_initial_md);
+    metadata_clear(&self->compression_md);
     if (self->counted_active && self->server != NULL) {
         self->server->active_calls--;
     }
@@ -233,6 +242,25 @@ report(CallObject *self, const char *kind, PyObject *exc)
     return code;
 }
 
+/* Resolve an asyncio future unless it is done (cancelled by its awaiter):
+ * with `value`, or with the exception `exc` if that is not NULL. */
+static void
+resolve_future(CallObject *self, PyObject *fut, PyObject *value, PyObject *exc)
+{
+    ModuleState *st = self->server->state;
+    PyObject *done = PyObject_CallMethodNoArgs(fut, st->str_done);
+    if (done == Py_False) {
+        PyObject *r = exc
+            ? PyObject_CallMethodOneArg(fut, st->str_set_exception, exc)
+            : PyObject_CallMethodOneArg(fut, st->str_set_result, value);
+        Py_XDECREF(r);
+    }
+    Py_XDECREF(done);
+    if (PyErr_Occurred()) {
+        PyErr_WriteUnraisable(fut);
+    }
+}
+
 /* The final batch: initial metadata (unless sent), an optional message and
  * the status. `message` is consumed. Returns 0, or -1 if it could not start
  * (the RPC is gone); never leaves an exception set. */
@@ -251,11 +279,13 @@ send_final(CallObject *self, grpc_status_code code, PyObject *details,
     memset(ops, 0, sizeof(ops));
     if (!self->initial_md_sent) {
         ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
-        ops[n].data.send_initial_metadata.count = 0;
+        ops[n].data.send_initial_metadata.count = self->compression_md.count;
+        ops[n].data.send_initial_metadata.metadata = self->compression_md.items;
         n++;
     }
     if (message != NULL) {
         ops[n].op = GRPC_OP_SEND_MESSAGE;
+        ops[n].flags = self->no_compress_next ? GRPC_WRITE_NO_COMPRESS : 0;
         ops[n].data.send_message.send_message = message;
         n++;
     }
@@ -402,7 +432,9 @@ finish_with_exception(CallObject *self, PyObject *exc)
 static void
 finish_with_result(CallObject *self, PyObject *result)
 {
-    if (self->aborted || self->code != GRPC_STATUS_OK) {
+    if (self->aborted || self->code != GRPC_STATUS_OK ||
+        self->response_streaming) {
+        /* Streaming handlers have written their messages already. */
         send_final(self, (grpc_status_code)self->code, self->details, NULL);
         return;
     }
@@ -456,13 +488,19 @@ call_on_task_done(CallObject *self, PyObject *task)
 }
 
 void
-call_run_unary(CallObject *self, PyObject *behavior, PyObject *deserializer,
-               PyObject *serializer, PyObject *payload)
+call_run_handler(CallObject *self, PyObject *behavior, PyObject *deserializer,
+                 PyObject *serializer, PyObject *payload)
 {
     ServerObject *server = self->server;
     ModuleState *st = server->state;
     Py_XSETREF(self->behavior, Py_NewRef(behavior));
     Py_XSETREF(self->serializer, Py_XNewRef(serializer));
+    Py_XSETREF(self->deserializer, Py_XNewRef(deserializer));
+    if (self->request_streaming) {
+        /* The handler reads the requests itself (context.read()). */
+        payload = Py_None;
+        deserializer = NULL;
+    }
     if (payload == NULL) {
         call_finish_status(self, GRPC_STATUS_INTERNAL,
                            "Request message is missing");
@@ -533,7 +571,25 @@ on_read(Tag *tag, int ok)
     self->read_op.recv = NULL;
     self->read_op.active = 0;
     self->pending_batches--;
-    if (ok && !self->terminated) {
+    if (self->read_op.future != NULL) {
+        /* context.read(): bytes, or None at the end of the stream (or when
+         * the RPC is gone: the task is being cancelled then). */
+        PyObject *fut = self->read_op.future;
+        self->read_op.future = NULL;
+        PyObject *value = (ok && bb != NULL) ? byte_buffer_to_bytes(bb)
+                                             : Py_NewRef(Py_None);
+        if (value == NULL) {
+            PyObject *exc = take_exception();
+            resolve_future(self, fut, NULL, exc);
+            Py_XDECREF(exc);
+        }
+        else {
+            resolve_future(self, fut, value, NULL);
+            Py_DECREF(value);
+        }
+        Py_DECREF(fut);
+    }
+    else if (ok && !self->terminated) {
         PyObject *payload = NULL;
         if (bb != NULL) {
             payload = byte_buffer_to_bytes(bb);
@@ -550,8 +606,8 @@ on_read(Tag *tag, int ok)
             PyObject *deserializer = self->deserializer;
             Py_XINCREF(behavior);
             Py_XINCREF(deserializer);
-            call_run_unary(self, behavior, deserializer, self->serializer,
-                           payload);
+            call_run_handler(self, behavior, deserializer, self->serializer,
+                             payload);
             Py_XDECREF(behavior);
             Py_XDECREF(deserializer);
             Py_XDECREF(payload);
@@ -564,19 +620,32 @@ on_read(Tag *tag, int ok)
     Py_DECREF(self);
 }
 
-/* Call._run_unary(behavior, deserializer, serializer): read the request
- * message, then run the handler (used for generic handlers). */
+/* Call._run(behavior, deserializer, serializer, request_streaming,
+ * response_streaming): run the handler of a generic (unregistered) method;
+ * a unary request is read first. */
 static PyObject *
-call_py_run_unary(CallObject *self, PyObject *const *args, Py_ssize_t nargs)
+call_py_run(CallObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3) {
+    if (nargs != 5) {
         PyErr_SetString(PyExc_TypeError,
-                        "_run_unary(behavior, deserializer, serializer)");
+                        "_run(behavior, deserializer, serializer, "
+                        "request_streaming, response_streaming)");
         return NULL;
     }
     if (self->read_op.active || self->task != NULL) {
         PyErr_SetString(PyExc_RuntimeError, "the handler already runs");
         return NULL;
+    }
+    int req = PyObject_IsTrue(args[3]);
+    int resp = PyObject_IsTrue(args[4]);
+    if (req < 0 || resp < 0) {
+        return NULL;
+    }
+    self->request_streaming = req;
+    self->response_streaming = resp;
+    if (req) {
+        call_run_handler(self, args[0], args[1], args[2], NULL);
+        Py_RETURN_TRUE;
     }
     Py_XSETREF(self->behavior, Py_NewRef(args[0]));
     Py_XSETREF(self->deserializer, Py_NewRef(args[1]));
@@ -599,7 +668,6 @@ static void
 on_initial_md_sent(Tag *tag, int ok)
 {
     CallObject *self = CONTAINER_OF(tag, CallObject, initial_md_op.tag);
-    ModuleState *st = self->server->state;
     (void)ok;
     self->pending_batches--;
     metadata_clear(&self->initial_md_op.md);
@@ -607,16 +675,7 @@ on_initial_md_sent(Tag *tag, int ok)
     PyObject *fut = self->initial_md_op.future;
     self->initial_md_op.future = NULL;
     if (fut != NULL) {
-        PyObject *done = PyObject_CallMethodNoArgs(fut, st->str_done);
-        if (done == Py_False) {
-            PyObject *r = PyObject_CallMethodOneArg(fut, st->str_set_result,
-                                                    Py_None);
-            Py_XDECREF(r);
-        }
-        Py_XDECREF(done);
-        if (PyErr_Occurred()) {
-            PyErr_WriteUnraisable(fut);
-        }
+        resolve_future(self, fut, Py_None, NULL);
         Py_DECREF(fut);
     }
     call_maybe_release(self);
@@ -639,6 +698,10 @@ call_py_send_initial_metadata(CallObject *self, PyObject *metadata)
     }
     SendMetadata md;
     if (metadata_from_object(metadata, &md) < 0) {
+        return NULL;
+    }
+    if (metadata_append(&md, &self->compression_md) < 0) {
+        metadata_clear(&md);
         return NULL;
     }
     PyObject *fut = PyObject_CallMethodNoArgs(self->server->loop,
@@ -669,6 +732,155 @@ call_py_send_initial_metadata(CallObject *self, PyObject *metadata)
     self->initial_md_op.active = 1;
     self->initial_md_op.future = Py_NewRef(fut);
     return fut;
+}
+
+/* ------------------------------------------------------------------ */
+/* streaming: one read and one write in flight at a time               */
+
+/* A new future of the server's loop, or NULL with an exception. */
+static PyObject *
+new_future(CallObject *self)
+{
+    if (self->server->loop == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the server is closed");
+        return NULL;
+    }
+    return PyObject_CallMethodNoArgs(self->server->loop,
+                                     self->server->state->str_create_future);
+}
+
+/* Call._read() -> future of the next request message (bytes), or None at
+ * the end of the request stream. */
+static PyObject *
+call_py_read(CallObject *self, PyObject *Py_UNUSED(ignored))
+{
+    if (self->read_op.active) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "another read() is already in progress");
+        return NULL;
+    }
+    PyObject *fut = new_future(self);
+    if (fut == NULL) {
+        return NULL;
+    }
+    grpc_op op;
+    memset(&op, 0, sizeof(op));
+    op.op = GRPC_OP_RECV_MESSAGE;
+    op.data.recv_message.recv_message = &self->read_op.recv;
+    if (start_batch(self, &op, 1, &self->read_op.tag) < 0) {
+        resolve_future(self, fut, Py_None, NULL);   /* the RPC is over */
+        return fut;
+    }
+    self->read_op.active = 1;
+    self->read_op.future = Py_NewRef(fut);
+    return fut;
+}
+
+static void
+on_write(Tag *tag, int ok)
+{
+    CallObject *self = CONTAINER_OF(tag, CallObject, write_op.tag);
+    self->pending_batches--;
+    self->write_op.active = 0;
+    if (self->write_op.send != NULL) {
+        grpc_byte_buffer_destroy(self->write_op.send);
+        self->write_op.send = NULL;
+    }
+    PyObject *fut = self->write_op.future;
+    self->write_op.future = NULL;
+    if (fut != NULL) {
+        resolve_future(self, fut, ok ? Py_True : Py_False, NULL);
+        Py_DECREF(fut);
+    }
+    call_maybe_release(self);
+    Py_DECREF(self);
+}
+
+/* Call._write(serialized) -> future: True once the transport has taken the
+ * message (that is the back-pressure), False if the RPC is gone. */
+static PyObject *
+call_py_write(CallObject *self, PyObject *data)
+{
+    if (self->write_op.active) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "another write() is already in progress");
+        return NULL;
+    }
+    if (self->status_sent) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "the RPC has already sent its status");
+        return NULL;
+    }
+    grpc_byte_buffer *bb = byte_buffer_from_object(data);
+    if (bb == NULL) {
+        return NULL;
+    }
+    PyObject *fut = new_future(self);
+    if (fut == NULL) {
+        grpc_byte_buffer_destroy(bb);
+        return NULL;
+    }
+    grpc_op ops[2];
+    size_t n = 0;
+    memset(ops, 0, sizeof(ops));
+    if (!self->initial_md_sent) {
+        ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
+        ops[n].data.send_initial_metadata.count = self->compression_md.count;
+        ops[n].data.send_initial_metadata.metadata = self->compression_md.items;
+        n++;
+    }
+    ops[n].op = GRPC_OP_SEND_MESSAGE;
+    ops[n].flags = self->no_compress_next ? GRPC_WRITE_NO_COMPRESS : 0;
+    ops[n].data.send_message.send_message = bb;
+    n++;
+    self->write_op.send = bb;
+    if (start_batch(self, ops, n, &self->write_op.tag) < 0) {
+        self->write_op.send = NULL;
+        grpc_byte_buffer_destroy(bb);
+        resolve_future(self, fut, Py_False, NULL);
+        return fut;
+    }
+    self->no_compress_next = 0;
+    self->initial_md_sent = 1;
+    self->write_op.active = 1;
+    self->write_op.future = Py_NewRef(fut);
+    return fut;
+}
+
+/* Call._set_compression(name or None): the algorithm of this call's
+ * responses ("gzip", "deflate", "identity"), sent with the initial metadata
+ * as the core's internal request header. */
+static PyObject *
+call_py_set_compression(CallObject *self, PyObject *name)
+{
+    if (self->initial_md_sent) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "set_compression() must come before the initial "
+                        "metadata is sent");
+        return NULL;
+    }
+    metadata_clear(&self->compression_md);
+    if (name == Py_None) {
+        Py_RETURN_NONE;
+    }
+    PyObject *pairs = Py_BuildValue("((sO))", "grpc-internal-encoding-request",
+                                    name);
+    if (pairs == NULL) {
+        return NULL;
+    }
+    int rc = metadata_from_object(pairs, &self->compression_md);
+    Py_DECREF(pairs);
+    if (rc < 0) {
+        return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *
+call_py_disable_next_compression(CallObject *self, PyObject *Py_UNUSED(ignored))
+{
+    self->no_compress_next = 1;
+    Py_RETURN_NONE;
 }
 
 /* ------------------------------------------------------------------ */
@@ -904,6 +1116,11 @@ get_method(CallObject *self, void *Py_UNUSED(c)) { return get_obj(self->method_s
 static PyObject *
 get_done_callbacks(CallObject *self, void *Py_UNUSED(c)) { return get_obj(self->done_callbacks); }
 
+static PyObject *
+get_deserializer(CallObject *self, void *Py_UNUSED(c)) { return get_obj(self->deserializer); }
+static PyObject *
+get_serializer(CallObject *self, void *Py_UNUSED(c)) { return get_obj(self->serializer); }
+
 static int
 set_details(CallObject *self, PyObject *value, void *Py_UNUSED(closure))
 {
@@ -942,6 +1159,12 @@ get_flag(CallObject *self, void *closure)
     else if (strcmp(which, "status_sent") == 0) {
         v = self->status_sent;
     }
+    else if (strcmp(which, "request_streaming") == 0) {
+        v = self->request_streaming;
+    }
+    else if (strcmp(which, "response_streaming") == 0) {
+        v = self->response_streaming;
+    }
     return PyBool_FromLong(v);
 }
 
@@ -958,8 +1181,12 @@ static PyMethodDef call_methods[] = {
      "True once the RPC has terminated."},
     {"_auth", (PyCFunction)call_auth, METH_NOARGS, NULL},
     {"_on_task_done", (PyCFunction)call_on_task_done, METH_O, NULL},
-    {"_run_unary", (PyCFunction)(void (*)(void))call_py_run_unary,
-     METH_FASTCALL, NULL},
+    {"_run", (PyCFunction)(void (*)(void))call_py_run, METH_FASTCALL, NULL},
+    {"_read", (PyCFunction)call_py_read, METH_NOARGS, NULL},
+    {"_write", (PyCFunction)call_py_write, METH_O, NULL},
+    {"_set_compression", (PyCFunction)call_py_set_compression, METH_O, NULL},
+    {"_disable_next_compression", (PyCFunction)call_py_disable_next_compression,
+     METH_NOARGS, NULL},
     {"_send_initial_metadata", (PyCFunction)call_py_send_initial_metadata,
      METH_O, NULL},
     {"_set_code", (PyCFunction)(void (*)(void))call_py_set_code,
@@ -985,6 +1212,10 @@ static PyGetSetDef call_getset[] = {
     {"_initial_metadata_sent", (getter)get_flag, NULL, NULL,
      "initial_metadata_sent"},
     {"_status_sent", (getter)get_flag, NULL, NULL, "status_sent"},
+    {"_request_streaming", (getter)get_flag, NULL, NULL, "request_streaming"},
+    {"_response_streaming", (getter)get_flag, NULL, NULL, "response_streaming"},
+    {"_deserializer", (getter)get_deserializer, NULL, NULL, NULL},
+    {"_serializer", (getter)get_serializer, NULL, NULL, NULL},
     {NULL, NULL, NULL, NULL, NULL},
 };
 

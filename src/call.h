@@ -15,11 +15,13 @@ CallObject *call_new(ServerObject *server, MethodEntry *method,
                      gpr_timespec deadline, grpc_metadata_array *md);
 /* Start RECV_CLOSE_ON_SERVER, so that a cancel or a deadline is seen at once. */
 int call_start_recv_close(CallObject *self);
-/* Deserialize `payload` (bytes, or NULL if the client sent none), call the
- * behavior and schedule its task; every failure ends the RPC with a status. */
-void call_run_unary(CallObject *self, PyObject *behavior,
-                    PyObject *deserializer, PyObject *serializer,
-                    PyObject *payload);
+/* Deserialize `payload` (bytes, or NULL if the client sent none; ignored
+ * for request-streaming methods, whose handler gets None and reads itself),
+ * call the behavior and schedule its task; every failure ends the RPC with a
+ * status. */
+void call_run_handler(CallObject *self, PyObject *behavior,
+                      PyObject *deserializer, PyObject *serializer,
+                      PyObject *payload);
 /* End the RPC with a status and no message. 0, or -1 if it is already over. */
 int call_finish_status(CallObject *self, grpc_status_code code,
                        const char *details);

@@ -204,3 +204,26 @@ metadata_from_object(PyObject *pairs, SendMetadata *out)
     Py_DECREF(seq);
     return 0;
 }
+
+int
+metadata_append(SendMetadata *md, const SendMetadata *extra)
+{
+    if (extra->count == 0) {
+        return 0;
+    }
+    grpc_metadata *items = PyMem_Realloc(
+        md->items, (md->count + extra->count) * sizeof(grpc_metadata));
+    if (items == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    md->items = items;
+    for (size_t i = 0; i < extra->count; i++) {
+        grpc_metadata *item = &md->items[md->count + i];
+        memset(item, 0, sizeof(*item));
+        item->key = grpc_slice_ref(extra->items[i].key);
+        item->value = grpc_slice_ref(extra->items[i].value);
+    }
+    md->count += extra->count;
+    return 0;
+}

@@ -71,6 +71,7 @@ core_exec(PyObject *module)
         intern(&st->str_report, "_report") < 0 ||
         intern(&st->str_result, "result") < 0 ||
         intern(&st->str_run_done_callbacks, "_run_done_callbacks") < 0 ||
+        intern(&st->str_set_exception, "set_exception") < 0 ||
         intern(&st->str_set_result, "set_result") < 0) {
         return -1;
     }
@@ -140,6 +141,7 @@ core_clear(PyObject *module)
     Py_CLEAR(st->str_report);
     Py_CLEAR(st->str_result);
     Py_CLEAR(st->str_run_done_callbacks);
+    Py_CLEAR(st->str_set_exception);
     Py_CLEAR(st->str_set_result);
     Py_CLEAR(st->kwnames_name);
     Py_CLEAR(st->empty_tuple);

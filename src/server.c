@@ -215,7 +215,9 @@ post_request(ServerObject *self, RequestSlot *slot)
     if (slot->method != NULL) {
         err = grpc_server_request_registered_call(
             self->server, slot->method->registered, &slot->call,
-            &slot->deadline, &slot->metadata, &slot->payload,
+            &slot->deadline, &slot->metadata,
+            /* the core wants no payload pointer for GRPC_SRM_PAYLOAD_NONE */
+            slot->method->request_streaming ? NULL : &slot->payload,
             self->bridge.cq, self->bridge.cq, &slot->tag);
     }
     else {
@@ -346,8 +348,8 @@ on_request(Tag *tag, int ok)
                                    "Could not read the request message");
             }
             else {
-                call_run_unary(call, method->behavior, method->deserializer,
-                               method->serializer, bytes);
+                call_run_handler(call, method->behavior, method->deserializer,
+                                 method->serializer, bytes);
             }
             Py_XDECREF(bytes);
         }
@@ -460,16 +462,22 @@ server_add_http2_port(ServerObject *self, PyObject *arg)
     return PyLong_FromLong(port);
 }
 
-/* register_method(path, behavior, deserializer, serializer): a unary-unary
- * method, registered with the core so the request arrives with the call. */
+/* register_method(path, behavior, deserializer, serializer,
+ * request_streaming, response_streaming): registered with the core, so a
+ * unary request arrives together with the call. */
 static PyObject *
 server_register_method(ServerObject *self, PyObject *const *args,
                        Py_ssize_t nargs)
 {
-    if (nargs != 4 || !PyUnicode_Check(args[0])) {
+    if (nargs != 6 || !PyUnicode_Check(args[0])) {
         PyErr_SetString(PyExc_TypeError,
                         "register_method(path: str, behavior, deserializer, "
-                        "serializer)");
+                        "serializer, request_streaming, response_streaming)");
+        return NULL;
+    }
+    int request_streaming = PyObject_IsTrue(args[4]);
+    int response_streaming = PyObject_IsTrue(args[5]);
+    if (request_streaming < 0 || response_streaming < 0) {
         return NULL;
     }
     if (self->phase != SERVER_NEW) {
@@ -503,6 +511,8 @@ server_register_method(ServerObject *self, PyObject *const *args,
     m->behavior = Py_NewRef(args[1]);
     m->deserializer = Py_NewRef(args[2]);
     m->serializer = Py_NewRef(args[3]);
+    m->request_streaming = request_streaming;
+    m->response_streaming = response_streaming;
     self->n_methods++;
     Py_RETURN_NONE;
 }
@@ -544,7 +554,9 @@ server_start(ServerObject *self, PyObject *const *args, Py_ssize_t nargs)
         MethodEntry *m = &self->methods[i];
         m->registered = grpc_server_register_method(
             self->server, m->path, NULL,
-            GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER, 0);
+            m->request_streaming ? GRPC_SRM_PAYLOAD_NONE
+                                 : GRPC_SRM_PAYLOAD_READ_INITIAL_BYTE_BUFFER,
+            0);
         if (m->registered == NULL) {
             PyErr_Format(PyExc_RuntimeError, "cannot register method %s",
                          m->path);
@@ -923,7 +935,7 @@ static PyMethodDef server_methods[] = {
     {"add_http2_port", (PyCFunction)server_add_http2_port, METH_O,
      "Bind an insecure HTTP/2 port; returns the port number."},
     {"register_method", (PyCFunction)(void (*)(void))server_register_method,
-     METH_FASTCALL, "Register a unary-unary method before start()."},
+     METH_FASTCALL, "Register a method (any kind) before start()."},
     {"start", (PyCFunction)(void (*)(void))server_start, METH_FASTCALL,
      "start(loop, context_class, hooks): serve on this asyncio loop."},
     {"shutdown", (PyCFunction)server_shutdown, METH_NOARGS,

@@ -60,6 +60,7 @@ typedef struct {
     PyObject *str_report;
     PyObject *str_result;
     PyObject *str_run_done_callbacks;
+    PyObject *str_set_exception;
     PyObject *str_set_result;
     PyObject *kwnames_name;      /* ("name",) for create_task(coro, name=...) */
     PyObject *empty_tuple;
@@ -116,6 +117,8 @@ typedef struct MethodEntry {
     PyObject *behavior;          /* async def (request, context) */
     PyObject *deserializer;      /* callable or None */
     PyObject *serializer;        /* callable or None */
+    int request_streaming;
+    int response_streaming;
     void *registered;            /* grpc_server_register_method handle */
 } MethodEntry;
 
@@ -190,7 +193,8 @@ typedef struct CallObject {
     Tag finish_tag;
     FutureOp initial_md_op;
     FutureOp read_op;
-    SendMetadata finish_initial_md;
+    FutureOp write_op;
+    SendMetadata compression_md; /* grpc-internal-encoding-request, or empty */
     grpc_byte_buffer *finish_payload;
     int pending_batches;
     /* flags */
@@ -201,6 +205,9 @@ typedef struct CallObject {
     unsigned aborted : 1;
     unsigned task_done : 1;
     unsigned counted_active : 1;
+    unsigned request_streaming : 1;
+    unsigned response_streaming : 1;
+    unsigned no_compress_next : 1;   /* disable_next_message_compression() */
     PyObject *weakreflist;
 } CallObject;
 

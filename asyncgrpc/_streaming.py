@@ -1,0 +1,79 @@
+"""Streaming RPCs: the drivers that run each handler kind, and the request
+iterator. The messages travel through the C call (``_read``/``_write``), one
+batch per message; a write returns once the transport has taken the message,
+so a slow client slows the handler instead of growing memory."""
+from __future__ import annotations
+
+import asyncio
+import inspect
+from typing import Any, Callable, Optional
+
+from ._context import EOF, ServicerContext
+
+__all__ = ["RequestIterator", "driver_for"]
+
+
+class RequestIterator:
+    """``async for request in request_iterator`` over the client's stream."""
+
+    __slots__ = ("_context",)
+
+    def __init__(self, context: ServicerContext) -> None:
+        self._context = context
+
+    def __aiter__(self) -> "RequestIterator":
+        return self
+
+    async def __anext__(self) -> Any:
+        message = await self._context.read()
+        if message is EOF:
+            raise StopAsyncIteration
+        return message
+
+
+async def _write_all(responses: Any, context: ServicerContext,
+                     pool: Optional[Any]) -> None:
+    if hasattr(responses, "__aiter__"):
+        async for response in responses:
+            await context.write(response)
+    elif hasattr(responses, "__next__"):
+        # A plain generator may block: pull each item on the thread pool.
+        loop = asyncio.get_running_loop()
+        done = object()
+        while True:
+            response = await loop.run_in_executor(pool, next, responses, done)
+            if response is done:
+                return
+            await context.write(response)
+    elif responses is not None:
+        raise TypeError("a response-streaming handler must be an async generator "
+                        "or a coroutine that uses context.write(), got "
+                        f"{type(responses).__name__}")
+
+
+def driver_for(kind: str, behavior: Callable[..., Any],
+               pool: Optional[Any]) -> Callable[..., Any]:
+    """A coroutine function ``(request_or_None, context)`` running one
+    handler of ``kind`` ("unary_stream", "stream_unary", "stream_stream")."""
+    if kind == "unary_stream":
+        async def unary_stream(request: Any, context: ServicerContext) -> None:
+            result = behavior(request, context)
+            if inspect.isawaitable(result):
+                result = await result
+            await _write_all(result, context, pool)
+        return unary_stream
+    if kind == "stream_unary":
+        async def stream_unary(_: Any, context: ServicerContext) -> Any:
+            result = behavior(RequestIterator(context), context)
+            if inspect.isawaitable(result):
+                return await result
+            return result
+        return stream_unary
+    if kind == "stream_stream":
+        async def stream_stream(_: Any, context: ServicerContext) -> None:
+            result = behavior(RequestIterator(context), context)
+            if inspect.isawaitable(result):
+                result = await result
+            await _write_all(result, context, pool)
+        return stream_stream
+    raise ValueError(f"unknown handler kind {kind!r}")
