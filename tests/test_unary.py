@@ -297,18 +297,6 @@ def test_unserializable_response_is_internal(server_thread):
             assert info.value.code() == grpc.StatusCode.INTERNAL, name
 
 
-def test_streaming_method_registers_and_answers_unimplemented(server_thread):
-    async def stream(request, context):
-        yield b"x"
-    handlers = {"Stream": asyncgrpc.unary_stream_rpc_method_handler(stream)}
-    server_thread.start(lambda s: s.add_registered_method_handlers(SERVICE, handlers))
-    with grpc.insecure_channel(server_thread.target) as channel:
-        with pytest.raises(grpc.RpcError) as info:
-            list(channel.unary_stream(path("Stream"))(b"", timeout=10))
-    assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
-    assert "unary-stream" in info.value.details()
-
-
 def test_maximum_concurrent_rpcs_rejects_beyond_limit(server_thread):
     release = asyncio.Event()
 

@@ -79,23 +79,22 @@ def _writable_root() -> Path:
                      "(set ASYNCGRPC_INTEROP_CACHE)")
 
 
-def _protoc_main() -> "tuple":
+def _protoc() -> ModuleType:
     try:
         from grpc_tools import protoc
     except ImportError as exc:
         raise ProtoError(
             "the asyncgrpc interop server compiles its .proto files at first use and "
             "needs grpcio-tools for that: pip install grpcio-tools") from exc
-    import grpc_tools
-    return protoc, getattr(grpc_tools, "__version__", "") or _dist_version("grpcio-tools")
+    return protoc
 
 
 def _dist_version(name: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
     try:
-        from importlib.metadata import version
         return version(name)
-    except Exception:
-        return "unknown"
+    except PackageNotFoundError:
+        return "not-installed"
 
 
 def _cache_key(root: Path, tools_version: str) -> str:
@@ -112,10 +111,15 @@ def _module_names() -> List[str]:
     return [Path(name).stem + "_pb2" for name in PROTO_FILES]
 
 
+def _complete(directory: Path) -> bool:
+    return all((directory / f"{name}.py").is_file()
+               for name in ["__init__", *_module_names()])
+
+
 def _generate(root: Path, target: Path) -> None:
     """Compile the protos into ``target`` (a new directory, renamed into
     place atomically so concurrent processes never see half a cache)."""
-    protoc, _ = _protoc_main()
+    protoc = _protoc()
     import grpc_tools
     staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=target.parent))
     try:
@@ -145,7 +149,7 @@ def _generate(root: Path, target: Path) -> None:
         try:
             os.rename(package, target)
         except OSError:
-            if not target.is_dir():  # somebody else won the race: use theirs
+            if not _complete(target):  # unless somebody else won the race
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -181,10 +185,13 @@ def load_protos() -> SimpleNamespace:
         if _loaded is not None:
             return _loaded
         root = proto_dir()
-        _, tools_version = _protoc_main()
+        # The generated code must match the protobuf runtime, and may differ
+        # between protoc releases: both versions are part of the key.
         cache = _writable_root()
-        target = cache / _cache_key(root, tools_version)
-        if not (target / "__init__.py").is_file():
+        target = cache / _cache_key(root, _dist_version("grpcio-tools"))
+        if not _complete(target):
+            if target.exists():  # damaged by hand: start over
+                shutil.rmtree(target, ignore_errors=True)
             _generate(root, target)
         _loaded = _import_package(target)
         return _loaded

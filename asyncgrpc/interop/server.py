@@ -85,7 +85,10 @@ class _Echo:
         if compress:
             self.context.set_compression(_gzip(self.impl))
             self.compressing = True
-        if self.initial:
+        if self.initial or compress:
+            # Sent explicitly when compressing too: grpc.aio ignores
+            # set_compression() for a unary response whose headers go out
+            # implicitly with it.
             await self.context.send_initial_metadata(tuple(self.initial))
 
     async def before_message(self, compressed: Any) -> None:
