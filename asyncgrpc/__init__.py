@@ -14,6 +14,8 @@ from typing import Dict
 
 from . import _core
 from ._compression import Compression
+from ._credentials import ServerCredentials, ssl_server_credentials
+from ._descriptor import add_servicer
 from ._context import EOF, AbortError, BaseError, ServicerContext, UsageError
 from ._handlers import (
     GenericRpcHandler,
@@ -55,11 +57,14 @@ __all__ = [
     "HandlerCallDetails",
     "RpcMethodHandler",
     "Server",
+    "ServerCredentials",
     "ServicerContext",
     "StatusCode",
     "UsageError",
+    "add_servicer",
     "method_handlers_generic_handler",
     "server",
+    "ssl_server_credentials",
     "stats",
     "stream_stream_rpc_method_handler",
     "stream_unary_rpc_method_handler",

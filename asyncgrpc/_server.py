@@ -11,6 +11,7 @@ from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 from . import _core, _watchdog, executor
 from ._context import ServicerContext
 from ._compression import compression_number
+from ._credentials import ServerCredentials
 from ._handlers import HandlerCallDetails, method_paths
 from ._status import StatusCode
 from ._streaming import driver_for
@@ -109,9 +110,17 @@ class Server:
         self._check_not_started()
         return self._core.add_http2_port(address)
 
-    def add_secure_port(self, address: str, server_credentials: Any) -> int:
-        """TLS ports are not supported by this version of asyncgrpc."""
-        raise NotImplementedError("asyncgrpc does not support TLS ports yet")
+    def add_secure_port(self, address: str, server_credentials: ServerCredentials) -> int:
+        """Listen on ``address`` with TLS; returns the port (0 picks one).
+
+        ``server_credentials`` comes from :func:`asyncgrpc.ssl_server_credentials`
+        (grpcio's credentials objects are opaque and cannot be used).
+        """
+        self._check_not_started()
+        if not isinstance(server_credentials, ServerCredentials):
+            raise TypeError("add_secure_port() needs asyncgrpc.ssl_server_credentials(...), "
+                            f"not {type(server_credentials).__name__}")
+        return self._core.add_http2_port(address, server_credentials._spec)
 
     def _check_not_started(self) -> None:
         if self._started:

@@ -433,11 +433,84 @@ server_on_wakeup(ServerObject *self, PyObject *Py_UNUSED(ignored))
 /* ------------------------------------------------------------------ */
 /* Python API                                                          */
 
-static PyObject *
-server_add_http2_port(ServerObject *self, PyObject *arg)
+/* Credentials from (root_pem | None, ((key_pem, cert_pem), ...),
+ * require_client_auth), or insecure ones for None. NULL with an exception. */
+static grpc_server_credentials *
+make_server_credentials(PyObject *spec)
 {
-    if (!PyUnicode_Check(arg)) {
-        PyErr_SetString(PyExc_TypeError, "address must be str");
+    if (spec == NULL || spec == Py_None) {
+        return grpc_insecure_server_credentials_create();
+    }
+    PyObject *root, *pairs;
+    int require_client_auth;
+    if (!PyArg_ParseTuple(spec, "OOp;credentials must be (root_certificates, "
+                          "((private_key, certificate_chain), ...), "
+                          "require_client_auth)",
+                          &root, &pairs, &require_client_auth)) {
+        return NULL;
+    }
+    if (root != Py_None && !PyBytes_Check(root)) {
+        PyErr_SetString(PyExc_TypeError, "root certificates must be PEM bytes");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(pairs, "key/certificate pairs must be a "
+                                           "sequence");
+    if (seq == NULL) {
+        return NULL;
+    }
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n == 0) {
+        Py_DECREF(seq);
+        PyErr_SetString(PyExc_ValueError,
+                        "at least one (private_key, certificate_chain) pair is "
+                        "needed");
+        return NULL;
+    }
+    grpc_ssl_pem_key_cert_pair *kc = PyMem_Calloc((size_t)n, sizeof(*kc));
+    if (kc == NULL) {
+        Py_DECREF(seq);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *pair = PySequence_Fast_GET_ITEM(seq, i);
+        if (!PyTuple_Check(pair) || PyTuple_GET_SIZE(pair) != 2 ||
+            !PyBytes_Check(PyTuple_GET_ITEM(pair, 0)) ||
+            !PyBytes_Check(PyTuple_GET_ITEM(pair, 1))) {
+            PyMem_Free(kc);
+            Py_DECREF(seq);
+            PyErr_SetString(PyExc_TypeError,
+                            "each pair must be (private_key: bytes, "
+                            "certificate_chain: bytes) in PEM");
+            return NULL;
+        }
+        /* The bytes objects live in `seq` until the credentials are made;
+         * the core copies what it needs. */
+        kc[i].private_key = PyBytes_AS_STRING(PyTuple_GET_ITEM(pair, 0));
+        kc[i].cert_chain = PyBytes_AS_STRING(PyTuple_GET_ITEM(pair, 1));
+    }
+    grpc_server_credentials *creds = grpc_ssl_server_credentials_create_ex(
+        root == Py_None ? NULL : PyBytes_AS_STRING(root), kc, (size_t)n,
+        require_client_auth
+            ? GRPC_SSL_REQUEST_AND_REQUIRE_CLIENT_CERTIFICATE_AND_VERIFY
+            : GRPC_SSL_DONT_REQUEST_CLIENT_CERTIFICATE,
+        NULL);
+    PyMem_Free(kc);
+    Py_DECREF(seq);
+    if (creds == NULL) {
+        PyErr_SetString(PyExc_ValueError, "invalid TLS credentials");
+    }
+    return creds;
+}
+
+/* add_http2_port(address, credentials=None) -> port */
+static PyObject *
+server_add_http2_port(ServerObject *self, PyObject *const *args,
+                      Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 2 || !PyUnicode_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "add_http2_port(address: str, credentials=None)");
         return NULL;
     }
     if (self->phase != SERVER_NEW) {
@@ -445,11 +518,15 @@ server_add_http2_port(ServerObject *self, PyObject *arg)
                         "ports must be added before the server starts");
         return NULL;
     }
-    const char *addr = PyUnicode_AsUTF8(arg);
+    const char *addr = PyUnicode_AsUTF8(args[0]);
     if (addr == NULL) {
         return NULL;
     }
-    grpc_server_credentials *creds = grpc_insecure_server_credentials_create();
+    grpc_server_credentials *creds =
+        make_server_credentials(nargs == 2 ? args[1] : NULL);
+    if (creds == NULL) {
+        return NULL;
+    }
     int port = grpc_server_add_http2_port(self->server, addr, creds);
     grpc_server_credentials_release(creds);
     if (port == 0) {
@@ -932,8 +1009,9 @@ server_dealloc(ServerObject *self)
 }
 
 static PyMethodDef server_methods[] = {
-    {"add_http2_port", (PyCFunction)server_add_http2_port, METH_O,
-     "Bind an insecure HTTP/2 port; returns the port number."},
+    {"add_http2_port", (PyCFunction)(void (*)(void))server_add_http2_port,
+     METH_FASTCALL, "add_http2_port(address, credentials=None): bind an "
+     "HTTP/2 port (TLS with credentials); returns the port number."},
     {"register_method", (PyCFunction)(void (*)(void))server_register_method,
      METH_FASTCALL, "Register a method (any kind) before start()."},
     {"start", (PyCFunction)(void (*)(void))server_start, METH_FASTCALL,
