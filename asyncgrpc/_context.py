@@ -56,54 +56,22 @@ class _EOFType:
 
 EOF = _EOFType()
 
+# The C fast paths of read() and write() raise UsageError and return EOF.
+_core.configure(UsageError, EOF)
+
 
 class ServicerContext(_core.Call):
     """The context of one RPC, with grpc.aio's ``ServicerContext`` methods.
 
     Created by the server for each RPC; handlers receive it as ``context``.
     ``invocation_metadata()``, ``peer()``, ``time_remaining()``,
-    ``cancelled()`` and ``done()`` are implemented in C by the base class.
+    ``cancelled()``, ``done()``, and the streaming ``read()`` (awaitable of
+    the next request, or ``asyncgrpc.EOF`` after the client half-closed) and
+    ``write(message)`` (awaitable, done once the transport has taken the
+    message: back-pressure) are implemented in C by the base class.
     """
 
     __slots__ = ()
-
-    async def read(self) -> Any:
-        """The next request message, or ``asyncgrpc.EOF`` once the client
-        has half-closed (request-streaming RPCs only)."""
-        if not self._request_streaming:
-            raise UsageError("read() is only for request-streaming RPCs")
-        raw = await self._read()
-        if raw is None:
-            return EOF
-        deserializer = self._deserializer
-        if deserializer is None:
-            return raw
-        try:
-            return deserializer(raw)
-        except Exception:
-            _LOGGER.exception("Exception deserializing request for %s", self._method)
-            await self.abort(StatusCode.INTERNAL, "Exception deserializing request!")
-
-    async def write(self, message: Any) -> None:
-        """Send one response message (response-streaming RPCs only).
-
-        Returns once the transport has taken the message, so a slow client
-        slows the writer instead of growing the server's memory.
-        """
-        if not self._response_streaming:
-            raise UsageError("write() is only for response-streaming RPCs")
-        serializer = self._serializer
-        if serializer is None:
-            raw = message
-        else:
-            try:
-                raw = serializer(message)
-            except Exception:
-                _LOGGER.exception("Exception serializing response for %s", self._method)
-                await self.abort(StatusCode.INTERNAL, "Failed to serialize response!")
-        if not await self._write(raw):
-            # The RPC is over (cancelled, deadline, or the client went away).
-            raise asyncio.CancelledError("the RPC has terminated")
 
     def set_compression(self, compression: Any) -> None:
         """Compress this RPC's responses with ``compression``

@@ -576,10 +576,24 @@ on_read(Tag *tag, int ok)
          * the RPC is gone: the task is being cancelled then). */
         PyObject *fut = self->read_op.future;
         self->read_op.future = NULL;
-        PyObject *value = (ok && bb != NULL) ? byte_buffer_to_bytes(bb)
-                                             : Py_NewRef(Py_None);
+        PyObject *value;
+        if (!ok || bb == NULL) {
+            value = Py_NewRef(self->server->state->eof);
+        }
+        else {
+            value = byte_buffer_to_bytes(bb);
+            if (value != NULL && self->deserializer != NULL &&
+                self->deserializer != Py_None) {
+                Py_SETREF(value, PyObject_CallOneArg(self->deserializer, value));
+            }
+        }
         if (value == NULL) {
+            /* As grpc.aio: the RPC ends with INTERNAL, and the handler's
+             * read() raises the deserializer's exception. */
             PyObject *exc = take_exception();
+            report(self, "deserialize", exc);
+            call_finish_status(self, GRPC_STATUS_INTERNAL,
+                               "Exception deserializing request!");
             resolve_future(self, fut, NULL, exc);
             Py_XDECREF(exc);
         }
@@ -749,11 +763,23 @@ new_future(CallObject *self)
                                      self->server->state->str_create_future);
 }
 
-/* Call._read() -> future of the next request message (bytes), or None at
- * the end of the request stream. */
+/* Raise asyncgrpc.UsageError(msg) (RuntimeError before configure()). */
+static PyObject *
+usage_error(CallObject *self, const char *msg)
+{
+    PyObject *cls = self->server->state->usage_error;
+    PyErr_SetString(cls ? cls : PyExc_RuntimeError, msg);
+    return NULL;
+}
+
+/* Call.read() -> awaitable of the next request message (deserialized), or
+ * asyncgrpc.EOF once the client has half-closed. */
 static PyObject *
 call_py_read(CallObject *self, PyObject *Py_UNUSED(ignored))
 {
+    if (!self->request_streaming) {
+        return usage_error(self, "read() is only for request-streaming RPCs");
+    }
     if (self->read_op.active) {
         PyErr_SetString(PyExc_RuntimeError,
                         "another read() is already in progress");
@@ -768,7 +794,8 @@ call_py_read(CallObject *self, PyObject *Py_UNUSED(ignored))
     op.op = GRPC_OP_RECV_MESSAGE;
     op.data.recv_message.recv_message = &self->read_op.recv;
     if (start_batch(self, &op, 1, &self->read_op.tag) < 0) {
-        resolve_future(self, fut, Py_None, NULL);   /* the RPC is over */
+        /* the RPC is over */
+        resolve_future(self, fut, self->server->state->eof, NULL);
         return fut;
     }
     self->read_op.active = 1;
@@ -789,18 +816,33 @@ on_write(Tag *tag, int ok)
     PyObject *fut = self->write_op.future;
     self->write_op.future = NULL;
     if (fut != NULL) {
-        resolve_future(self, fut, ok ? Py_True : Py_False, NULL);
+        if (ok) {
+            resolve_future(self, fut, Py_None, NULL);
+        }
+        else {
+            /* The RPC is over (cancel, deadline, client gone): the writer's
+             * await raises CancelledError, like its task is about to. */
+            PyObject *r = PyObject_CallMethodNoArgs(fut,
+                                                    self->server->state->str_cancel);
+            if (r == NULL) {
+                PyErr_WriteUnraisable(fut);
+            }
+            Py_XDECREF(r);
+        }
         Py_DECREF(fut);
     }
     call_maybe_release(self);
     Py_DECREF(self);
 }
 
-/* Call._write(serialized) -> future: True once the transport has taken the
- * message (that is the back-pressure), False if the RPC is gone. */
+/* Call.write(message) -> awaitable, done once the transport has taken the
+ * message (that is the back-pressure); CancelledError if the RPC is gone. */
 static PyObject *
-call_py_write(CallObject *self, PyObject *data)
+call_py_write(CallObject *self, PyObject *message)
 {
+    if (!self->response_streaming) {
+        return usage_error(self, "write() is only for response-streaming RPCs");
+    }
     if (self->write_op.active) {
         PyErr_SetString(PyExc_RuntimeError,
                         "another write() is already in progress");
@@ -811,8 +853,18 @@ call_py_write(CallObject *self, PyObject *data)
                         "the RPC has already sent its status");
         return NULL;
     }
-    grpc_byte_buffer *bb = byte_buffer_from_object(data);
+    PyObject *data = (self->serializer != NULL && self->serializer != Py_None)
+        ? PyObject_CallOneArg(self->serializer, message)
+        : Py_NewRef(message);
+    grpc_byte_buffer *bb = data ? byte_buffer_from_object(data) : NULL;
+    Py_XDECREF(data);
     if (bb == NULL) {
+        /* As grpc.aio: the RPC ends with INTERNAL and write() raises. */
+        PyObject *exc = take_exception();
+        report(self, "serialize", exc);
+        call_finish_status(self, GRPC_STATUS_INTERNAL,
+                           "Failed to serialize response!");
+        PyErr_SetRaisedException_compat(exc);
         return NULL;
     }
     PyObject *fut = new_future(self);
@@ -837,7 +889,13 @@ call_py_write(CallObject *self, PyObject *data)
     if (start_batch(self, ops, n, &self->write_op.tag) < 0) {
         self->write_op.send = NULL;
         grpc_byte_buffer_destroy(bb);
-        resolve_future(self, fut, Py_False, NULL);
+        PyObject *r = PyObject_CallMethodNoArgs(fut,
+                                                self->server->state->str_cancel);
+        if (r == NULL) {
+            Py_DECREF(fut);
+            return NULL;
+        }
+        Py_DECREF(r);
         return fut;
     }
     self->no_compress_next = 0;
@@ -1182,8 +1240,12 @@ static PyMethodDef call_methods[] = {
     {"_auth", (PyCFunction)call_auth, METH_NOARGS, NULL},
     {"_on_task_done", (PyCFunction)call_on_task_done, METH_O, NULL},
     {"_run", (PyCFunction)(void (*)(void))call_py_run, METH_FASTCALL, NULL},
-    {"_read", (PyCFunction)call_py_read, METH_NOARGS, NULL},
-    {"_write", (PyCFunction)call_py_write, METH_O, NULL},
+    {"read", (PyCFunction)call_py_read, METH_NOARGS,
+     "read(): awaitable of the next request message, or asyncgrpc.EOF after "
+     "the client half-closed (request-streaming RPCs)."},
+    {"write", (PyCFunction)call_py_write, METH_O,
+     "write(message): awaitable, done once the transport has taken the "
+     "message (response-streaming RPCs)."},
     {"_set_compression", (PyCFunction)call_py_set_compression, METH_O, NULL},
     {"_disable_next_compression", (PyCFunction)call_py_disable_next_compression,
      METH_NOARGS, NULL},

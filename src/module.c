@@ -30,6 +30,22 @@ core_stats(PyObject *module, PyObject *Py_UNUSED(ignored))
         "live_servers", st->live_servers);
 }
 
+/* configure(usage_error, eof): the Python package hands over the objects
+ * the C fast paths of read()/write() need. */
+static PyObject *
+core_configure(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    ModuleState *st = PyModule_GetState(module);
+    if (nargs != 2 || !PyExceptionClass_Check(args[0])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "configure(usage_error: type, eof: object)");
+        return NULL;
+    }
+    Py_XSETREF(st->usage_error, Py_NewRef(args[0]));
+    Py_XSETREF(st->eof, Py_NewRef(args[1]));
+    Py_RETURN_NONE;
+}
+
 static PyObject *
 core_grpc_version(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
 {
@@ -39,6 +55,8 @@ core_grpc_version(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
 static PyMethodDef core_methods[] = {
     {"stats", core_stats, METH_NOARGS,
      "Process-wide counters of the bridge and the RPCs (a dict of ints)."},
+    {"configure", (PyCFunction)(void (*)(void))core_configure, METH_FASTCALL,
+     "configure(usage_error, eof): objects used by Call.read()/write()."},
     {"grpc_version", core_grpc_version, METH_NOARGS,
      "The version of the gRPC C core this module runs on."},
     {NULL, NULL, 0, NULL},
@@ -116,6 +134,8 @@ core_traverse(PyObject *module, visitproc visit, void *arg)
     Py_VISIT(st->server_type);
     Py_VISIT(st->call_type);
     Py_VISIT(st->cancelled_error);
+    Py_VISIT(st->usage_error);
+    Py_VISIT(st->eof);
     return 0;
 }
 
@@ -126,6 +146,8 @@ core_clear(PyObject *module)
     Py_CLEAR(st->server_type);
     Py_CLEAR(st->call_type);
     Py_CLEAR(st->cancelled_error);
+    Py_CLEAR(st->usage_error);
+    Py_CLEAR(st->eof);
     Py_CLEAR(st->str_add_done_callback);
     Py_CLEAR(st->str_add_reader);
     Py_CLEAR(st->str_call_soon);

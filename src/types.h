@@ -44,6 +44,8 @@ typedef struct {
     PyTypeObject *server_type;
     PyTypeObject *call_type;
     PyObject *cancelled_error;   /* asyncio.CancelledError */
+    PyObject *usage_error;       /* asyncgrpc.UsageError (set by configure()) */
+    PyObject *eof;               /* asyncgrpc.EOF (set by configure()) */
     /* interned method names used on the hot path */
     PyObject *str_add_done_callback;
     PyObject *str_add_reader;

@@ -64,4 +64,20 @@ as_int(PyObject *obj)
     return (int)v;
 }
 
+/* Raise `exc` again (a reference taken by take_exception(); consumed). */
+static inline void
+PyErr_SetRaisedException_compat(PyObject *exc)
+{
+#if PY_VERSION_HEX >= 0x030C0000
+    PyErr_SetRaisedException(exc);
+#else
+    if (exc == NULL) {
+        PyErr_SetString(PyExc_SystemError, "no exception to raise");
+        return;
+    }
+    PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(exc)), exc,
+                  PyException_GetTraceback(exc));
+#endif
+}
+
 #endif

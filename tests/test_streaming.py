@@ -483,14 +483,55 @@ def test_max_receive_message_length_on_a_stream(server_thread):
 
 def test_read_write_outside_their_kind_is_a_usage_error(server_thread, recorder):
     async def unary(request, context):
-        for op in (context.read(), context.write(b"x")):
-            try:
-                await op
-            except asyncgrpc.UsageError as exc:
-                recorder.add(str(exc))
+        try:
+            await context.read()
+        except asyncgrpc.UsageError as exc:
+            recorder.add(str(exc))
+        try:
+            await context.write(b"x")
+        except asyncgrpc.UsageError as exc:
+            recorder.add(str(exc))
         return b"ok"
     server_thread.start(lambda s: s.add_registered_method_handlers(
         SERVICE, {"Unary": asyncgrpc.unary_unary_rpc_method_handler(unary)}))
     with grpc.insecure_channel(server_thread.target) as channel:
         assert channel.unary_unary(path("Unary"))(b"", timeout=10) == b"ok"
     assert len(recorder.items) == 2
+
+
+def test_bad_request_in_a_stream_is_internal(server_thread):
+    import helloworld_pb2
+
+    async def names(request_iterator, context):
+        async for request in request_iterator:
+            yield request.name.encode()
+    handler = asyncgrpc.stream_stream_rpc_method_handler(
+        names, request_deserializer=helloworld_pb2.HelloRequest.FromString)
+    server_thread.start(lambda s: s.add_registered_method_handlers(SERVICE, {"Names": handler}))
+    good = helloworld_pb2.HelloRequest(name="ok").SerializeToString()
+    with grpc.insecure_channel(server_thread.target) as channel:
+        got = []
+        with pytest.raises(grpc.RpcError) as info:
+            for message in channel.stream_stream(path("Names"))(iter([good, b"\xff\xff"]),
+                                                                timeout=10):
+                got.append(message)
+    assert got == [b"ok"]
+    assert info.value.code() == grpc.StatusCode.INTERNAL
+
+
+def test_unserializable_stream_response_is_internal(server_thread):
+    import helloworld_pb2
+
+    async def bad(request, context):
+        yield helloworld_pb2.HelloReply(message="fine")
+        yield "not a HelloReply"
+    handler = asyncgrpc.unary_stream_rpc_method_handler(
+        bad, response_serializer=helloworld_pb2.HelloReply.SerializeToString)
+    server_thread.start(lambda s: s.add_registered_method_handlers(SERVICE, {"Bad": handler}))
+    with grpc.insecure_channel(server_thread.target) as channel:
+        got = []
+        with pytest.raises(grpc.RpcError) as info:
+            for message in channel.unary_stream(path("Bad"))(b"", timeout=10):
+                got.append(message)
+    assert len(got) == 1
+    assert info.value.code() == grpc.StatusCode.INTERNAL
