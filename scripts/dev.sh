@@ -15,7 +15,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
-APT_PACKAGES=(libgrpc-dev libprotobuf-c-dev protobuf-c-compiler pkg-config gcc)
+APT_PACKAGES=(libgrpc-dev libprotobuf-c-dev protobuf-c-compiler pkg-config gcc make openssl util-linux)
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
@@ -91,6 +91,8 @@ case "${1:-}" in
         status=0
         # Python itself is not instrumented: preload the runtime, and leave
         # leak checking off (the interpreter keeps objects alive at exit).
+        # The benchmark smoke runs add no C paths of their own: skip them here.
+        ASYNCGRPC_SKIP_BENCH_SMOKE=1 \
         LD_PRELOAD="$(asan_runtime)" \
         ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
         UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \

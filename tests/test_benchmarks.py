@@ -39,3 +39,12 @@ def test_cpu_bound_quick():
 def test_bridge_counters_quick():
     out = run("bridge_counters.py", "--quick", "--levels", "1,10")
     assert "eventfd_writes" in out
+
+
+def test_run_py_quick(tmp_path):
+    """The side-by-side runner's smoke mode: builds the C load generator,
+    serves the echo service on asyncgrpc and grpc.aio, checks every reply."""
+    out = run("run.py", "--quick", "--servers", "asyncgrpc,grpc_aio", "--no-plots",
+              "--out", str(tmp_path), timeout=180)
+    assert "asyncgrpc" in out and "grpc_aio" in out
+    assert (tmp_path / "results.json").exists()
