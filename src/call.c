@@ -561,7 +561,7 @@ call_run_handler(CallObject *self, PyObject *behavior, PyObject *deserializer,
 }
 
 /* ------------------------------------------------------------------ */
-/* reading one message (generic unary path)                            */
+/* reading: context.read(), and the request of a generic unary method  */
 
 static void
 on_read(Tag *tag, int ok)
@@ -572,8 +572,9 @@ on_read(Tag *tag, int ok)
     self->read_op.active = 0;
     self->pending_batches--;
     if (self->read_op.future != NULL) {
-        /* context.read(): bytes, or None at the end of the stream (or when
-         * the RPC is gone: the task is being cancelled then). */
+        /* context.read(): the deserialized message, or EOF at the end of
+         * the stream (or when the RPC is gone: its task is being cancelled
+         * then). */
         PyObject *fut = self->read_op.future;
         self->read_op.future = NULL;
         PyObject *value;

@@ -324,7 +324,14 @@ def _rss_mb(pid: int) -> float:
 
 
 def test_slow_reader_bounds_server_memory_over_1gb():
-    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVER], stdout=subprocess.PIPE, text=True)
+    env = dict(os.environ)
+    sanitized = "libasan" in env.get("LD_PRELOAD", "")
+    if sanitized:
+        # ASan keeps freed memory in quarantine (256 MB by default): keep it
+        # small so RSS shows what the server holds.
+        env["ASAN_OPTIONS"] = env.get("ASAN_OPTIONS", "") + ":quarantine_size_mb=16"
+    proc = subprocess.Popen([sys.executable, "-c", SLOW_SERVER], stdout=subprocess.PIPE,
+                            text=True, env=env)
     try:
         port = int(proc.stdout.readline())
         baseline = _rss_mb(proc.pid)
@@ -341,7 +348,7 @@ def test_slow_reader_bounds_server_memory_over_1gb():
                     peak = max(peak, _rss_mb(proc.pid))
         assert received == 1024 << 20          # 1 GiB went through
         # Without back-pressure the server would buffer hundreds of MB.
-        assert peak - baseline < 150, (baseline, peak)
+        assert peak - baseline < (250 if sanitized else 150), (baseline, peak)
     finally:
         proc.terminate()
         proc.wait(10)
