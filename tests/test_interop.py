@@ -484,16 +484,22 @@ def test_server_compressed_streaming(proxy):
     assert 92653 < proxy.counts.downstream < 92653 + 10_000, proxy.counts.downstream
 
 
-def test_client_compressed_unary(proxy):
-    # The feature probe: an uncompressed request that claims to be compressed.
-    # A server that can tell fails it with INVALID_ARGUMENT; one that cannot
-    # (grpc.aio, asyncgrpc today) accepts it.
-    try:
+@pytest.mark.skip(reason=(
+    "client_compressed_unary's feature probe (an uncompressed request with "
+    "expect_compressed=true must fail with INVALID_ARGUMENT) needs the server to "
+    "know whether a request arrived compressed. gRPC C core 1.51 offers no public "
+    "way: it decompresses before the application sees the message, and with "
+    "grpc.per_message_decompression=0 it hands over the compressed bytes without "
+    "marking them (checked on this machine). grpc.aio cannot either."))
+def test_client_compressed_unary_feature_probe(proxy):
+    with pytest.raises(grpc.RpcError) as info:
         proxy.stub.UnaryCall(large_unary_request(expect_compressed=bool_value(True)),
                              timeout=TIMEOUT)
-    except grpc.RpcError as exc:
-        assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
+
+def test_client_compressed_unary(proxy):
+    # The compressed requests themselves (the probe is the skipped test above).
     proxy.counts.reset()
     response = proxy.stub.UnaryCall(large_unary_request(expect_compressed=bool_value(True)),
                                     compression=grpc.Compression.Gzip, timeout=TIMEOUT)
