@@ -25,15 +25,12 @@
 #include "metadata.h"
 #include "server.h"
 #include "utils.h"
-#include "waiter.h"
 
 static void on_recv_close(Tag *tag, int ok);
 static void on_finish(Tag *tag, int ok);
 static void on_initial_md_sent(Tag *tag, int ok);
 static void on_read(Tag *tag, int ok);
 static void on_write(Tag *tag, int ok);
-static void resolve_waiter(CallObject *self, PyObject *w, PyObject *value,
-                           PyObject *exc);
 
 /* ------------------------------------------------------------------ */
 /* life cycle                                                          */
@@ -125,8 +122,6 @@ call_traverse(CallObject *self, visitproc visit, void *arg)
     Py_VISIT(self->initial_md_op.future);
     Py_VISIT(self->read_op.future);
     Py_VISIT(self->write_op.future);
-    Py_VISIT(self->read_waiter);
-    Py_VISIT(self->write_waiter);
     return 0;
 }
 
@@ -147,8 +142,6 @@ call_clear(CallObject *self)
     Py_CLEAR(self->initial_md_op.future);
     Py_CLEAR(self->read_op.future);
     Py_CLEAR(self->write_op.future);
-    Py_CLEAR(self->read_waiter);
-    Py_CLEAR(self->write_waiter);
     return 0;
 }
 
@@ -602,11 +595,11 @@ on_read(Tag *tag, int ok)
             report(self, "deserialize", exc);
             call_finish_status(self, GRPC_STATUS_INTERNAL,
                                "Exception deserializing request!");
-            resolve_waiter(self, fut, NULL, exc);
+            resolve_future(self, fut, NULL, exc);
             Py_XDECREF(exc);
         }
         else {
-            resolve_waiter(self, fut, value, NULL);
+            resolve_future(self, fut, value, NULL);
             Py_DECREF(value);
         }
         Py_DECREF(fut);
@@ -759,37 +752,16 @@ call_py_send_initial_metadata(CallObject *self, PyObject *metadata)
 /* ------------------------------------------------------------------ */
 /* streaming: one read and one write in flight at a time               */
 
-/* The call's waiter in `*slot` (created on first use), reset for a new
- * operation: a new reference, or NULL with an exception. */
+/* A new future of the server's loop, or NULL with an exception. */
 static PyObject *
-fresh_waiter(CallObject *self, PyObject **slot)
+new_future(CallObject *self)
 {
-    if (*slot == NULL) {
-        if (self->server->loop == NULL) {
-            PyErr_SetString(PyExc_RuntimeError, "the server is closed");
-            return NULL;
-        }
-        *slot = waiter_new(self->server->state, self->server->loop);
-        if (*slot == NULL) {
-            return NULL;
-        }
+    if (self->server->loop == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "the server is closed");
+        return NULL;
     }
-    waiter_reset(*slot);
-    return Py_NewRef(*slot);
-}
-
-/* End a waiter's operation: with `value`, with `exc`, or (both NULL) with
- * CancelledError. Errors scheduling the wake-up are reported, not raised. */
-static void
-resolve_waiter(CallObject *self, PyObject *w, PyObject *value, PyObject *exc)
-{
-    ModuleState *st = self->server->state;
-    int rc = exc ? waiter_set_exception(w, st, exc)
-           : value ? waiter_set_result(w, st, value)
-           : waiter_set_cancelled(w, st);
-    if (rc < 0) {
-        PyErr_WriteUnraisable(w);
-    }
+    return PyObject_CallMethodNoArgs(self->server->loop,
+                                     self->server->state->str_create_future);
 }
 
 /* Raise asyncgrpc.UsageError(msg) (RuntimeError before configure()). */
@@ -810,20 +782,11 @@ call_py_read(CallObject *self, PyObject *Py_UNUSED(ignored))
         return usage_error(self, "read() is only for request-streaming RPCs");
     }
     if (self->read_op.active) {
-        if (self->read_op.future != NULL &&
-            self->read_op.future == self->read_waiter &&
-            !waiter_is_pending(self->read_waiter)) {
-            /* The previous read() was cancelled (asyncio.wait_for timed
-             * out, say) while its message was on the way: this read() gets
-             * that message, so none is lost. */
-            waiter_reset(self->read_waiter);
-            return Py_NewRef(self->read_waiter);
-        }
         PyErr_SetString(PyExc_RuntimeError,
                         "another read() is already in progress");
         return NULL;
     }
-    PyObject *fut = fresh_waiter(self, &self->read_waiter);
+    PyObject *fut = new_future(self);
     if (fut == NULL) {
         return NULL;
     }
@@ -833,7 +796,7 @@ call_py_read(CallObject *self, PyObject *Py_UNUSED(ignored))
     op.data.recv_message.recv_message = &self->read_op.recv;
     if (start_batch(self, &op, 1, &self->read_op.tag) < 0) {
         /* the RPC is over */
-        resolve_waiter(self, fut, self->server->state->eof, NULL);
+        resolve_future(self, fut, self->server->state->eof, NULL);
         return fut;
     }
     self->read_op.active = 1;
@@ -854,9 +817,19 @@ on_write(Tag *tag, int ok)
     PyObject *fut = self->write_op.future;
     self->write_op.future = NULL;
     if (fut != NULL) {
-        /* Not ok: the RPC is over (cancel, deadline, client gone); the
-         * writer's await raises CancelledError, as its task is about to. */
-        resolve_waiter(self, fut, ok ? Py_None : NULL, NULL);
+        if (ok) {
+            resolve_future(self, fut, Py_None, NULL);
+        }
+        else {
+            /* The RPC is over (cancel, deadline, client gone): the writer's
+             * await raises CancelledError, like its task is about to. */
+            PyObject *r = PyObject_CallMethodNoArgs(fut,
+                                                    self->server->state->str_cancel);
+            if (r == NULL) {
+                PyErr_WriteUnraisable(fut);
+            }
+            Py_XDECREF(r);
+        }
         Py_DECREF(fut);
     }
     call_maybe_release(self);
@@ -895,7 +868,7 @@ call_py_write(CallObject *self, PyObject *message)
         PyErr_SetRaisedException_compat(exc);
         return NULL;
     }
-    PyObject *fut = fresh_waiter(self, &self->write_waiter);
+    PyObject *fut = new_future(self);
     if (fut == NULL) {
         grpc_byte_buffer_destroy(bb);
         return NULL;
@@ -917,7 +890,13 @@ call_py_write(CallObject *self, PyObject *message)
     if (start_batch(self, ops, n, &self->write_op.tag) < 0) {
         self->write_op.send = NULL;
         grpc_byte_buffer_destroy(bb);
-        resolve_waiter(self, fut, NULL, NULL);     /* CancelledError */
+        PyObject *r = PyObject_CallMethodNoArgs(fut,
+                                                self->server->state->str_cancel);
+        if (r == NULL) {
+            Py_DECREF(fut);
+            return NULL;
+        }
+        Py_DECREF(r);
         return fut;
     }
     self->no_compress_next = 0;

@@ -9,7 +9,6 @@
 
 #include "call.h"
 #include "server.h"
-#include "waiter.h"
 
 static PyObject *
 core_stats(PyObject *module, PyObject *Py_UNUSED(ignored))
@@ -95,10 +94,6 @@ core_exec(PyObject *module)
         return -1;
     }
     st->kwnames_name = Py_BuildValue("(s)", "name");
-    st->kwnames_context = Py_BuildValue("(s)", "context");
-    if (st->kwnames_context == NULL) {
-        return -1;
-    }
     st->empty_tuple = PyTuple_New(0);
     if (st->kwnames_name == NULL || st->empty_tuple == NULL) {
         return -1;
@@ -116,12 +111,6 @@ core_exec(PyObject *module)
                                                              NULL);
     if (st->call_type == NULL ||
         PyModule_AddType(module, st->call_type) < 0) {
-        return -1;
-    }
-    st->waiter_type = (PyTypeObject *)PyType_FromModuleAndSpec(
-        module, &waiter_spec, NULL);
-    if (st->waiter_type == NULL ||
-        PyModule_AddType(module, st->waiter_type) < 0) {
         return -1;
     }
     st->server_type = (PyTypeObject *)PyType_FromModuleAndSpec(
@@ -144,7 +133,6 @@ core_traverse(PyObject *module, visitproc visit, void *arg)
     ModuleState *st = PyModule_GetState(module);
     Py_VISIT(st->server_type);
     Py_VISIT(st->call_type);
-    Py_VISIT(st->waiter_type);
     Py_VISIT(st->cancelled_error);
     Py_VISIT(st->usage_error);
     Py_VISIT(st->eof);
@@ -157,7 +145,6 @@ core_clear(PyObject *module)
     ModuleState *st = PyModule_GetState(module);
     Py_CLEAR(st->server_type);
     Py_CLEAR(st->call_type);
-    Py_CLEAR(st->waiter_type);
     Py_CLEAR(st->cancelled_error);
     Py_CLEAR(st->usage_error);
     Py_CLEAR(st->eof);
@@ -179,7 +166,6 @@ core_clear(PyObject *module)
     Py_CLEAR(st->str_set_exception);
     Py_CLEAR(st->str_set_result);
     Py_CLEAR(st->kwnames_name);
-    Py_CLEAR(st->kwnames_context);
     Py_CLEAR(st->empty_tuple);
     return 0;
 }

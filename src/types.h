@@ -43,7 +43,6 @@ typedef struct {
 typedef struct {
     PyTypeObject *server_type;
     PyTypeObject *call_type;
-    PyTypeObject *waiter_type;
     PyObject *cancelled_error;   /* asyncio.CancelledError */
     PyObject *usage_error;       /* asyncgrpc.UsageError (set by configure()) */
     PyObject *eof;               /* asyncgrpc.EOF (set by configure()) */
@@ -66,7 +65,6 @@ typedef struct {
     PyObject *str_set_exception;
     PyObject *str_set_result;
     PyObject *kwnames_name;      /* ("name",) for create_task(coro, name=...) */
-    PyObject *kwnames_context;   /* ("context",) for call_soon(..., context=) */
     PyObject *empty_tuple;
     Counters counters;           /* summed over every server of the process */
     int live_servers;
@@ -198,8 +196,6 @@ typedef struct CallObject {
     FutureOp initial_md_op;
     FutureOp read_op;
     FutureOp write_op;
-    PyObject *read_waiter;       /* reused by every read() of the call */
-    PyObject *write_waiter;      /* reused by every write() of the call */
     SendMetadata compression_md; /* grpc-internal-encoding-request, or empty */
     grpc_byte_buffer *finish_payload;
     int pending_batches;
