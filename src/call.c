@@ -782,6 +782,26 @@ call_py_read(CallObject *self, PyObject *Py_UNUSED(ignored))
         return usage_error(self, "read() is only for request-streaming RPCs");
     }
     if (self->read_op.active) {
+        PyObject *prev = self->read_op.future;
+        PyObject *done = prev ? PyObject_CallMethodNoArgs(
+                                    prev, self->server->state->str_done)
+                              : NULL;
+        if (prev != NULL && done == NULL) {
+            return NULL;
+        }
+        int prev_over = done == Py_True;
+        Py_XDECREF(done);
+        if (prev_over) {
+            /* The previous read() was cancelled (asyncio.wait_for timed
+             * out, say) while its message was on the way: this read() gets
+             * that message, so none is lost. */
+            PyObject *fut = new_future(self);
+            if (fut == NULL) {
+                return NULL;
+            }
+            Py_SETREF(self->read_op.future, Py_NewRef(fut));
+            return fut;
+        }
         PyErr_SetString(PyExc_RuntimeError,
                         "another read() is already in progress");
         return NULL;

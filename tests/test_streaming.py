@@ -542,3 +542,36 @@ def test_unserializable_stream_response_is_internal(server_thread):
                 got.append(message)
     assert len(got) == 1
     assert info.value.code() == grpc.StatusCode.INTERNAL
+
+
+def test_read_and_write_work_with_asyncio_helpers(server_thread, recorder):
+    """read()/write() work under asyncio.wait_for and gather; a read() cut
+    short by wait_for loses no message (the next read() gets it)."""
+    async def patient(request_iterator, context):
+        timeouts = 0
+        while True:
+            try:
+                message = await asyncio.wait_for(context.read(), 0.1)
+            except asyncio.TimeoutError:
+                timeouts += 1
+                continue
+            if message is asyncgrpc.EOF:
+                break
+            await asyncio.wait_for(context.write(message), 5)
+            (echoed,) = await asyncio.gather(asyncio.sleep(0, message))
+            await context.write(echoed + b"!")
+        recorder.add(timeouts)
+    server_thread.start(lambda s: s.add_registered_method_handlers(
+        SERVICE, {"Patient": asyncgrpc.stream_stream_rpc_method_handler(patient)}))
+
+    async def slow_requests():
+        for m in (b"a", b"b"):
+            await asyncio.sleep(0.35)
+            yield m
+
+    async def main():
+        async with grpc.aio.insecure_channel(server_thread.target) as channel:
+            call = channel.stream_stream(path("Patient"))(slow_requests(), timeout=10)
+            return [m async for m in call]
+    assert asyncio.run(main()) == [b"a", b"a!", b"b", b"b!"]
+    assert recorder.items[0] >= 2          # reads timed out, and no message was lost
