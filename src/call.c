@@ -261,6 +261,28 @@ resolve_future(CallObject *self, PyObject *fut, PyObject *value, PyObject *exc)
     }
 }
 
+/* Fill `ops` with SEND_INITIAL_METADATA (unless already sent; it carries
+ * the compression request of set_compression()) and, if `message` is not
+ * NULL, SEND_MESSAGE. Returns the number of ops written (at most 2). */
+static size_t
+add_send_ops(CallObject *self, grpc_op *ops, grpc_byte_buffer *message)
+{
+    size_t n = 0;
+    if (!self->initial_md_sent) {
+        ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
+        ops[n].data.send_initial_metadata.count = self->compression_md.count;
+        ops[n].data.send_initial_metadata.metadata = self->compression_md.items;
+        n++;
+    }
+    if (message != NULL) {
+        ops[n].op = GRPC_OP_SEND_MESSAGE;
+        ops[n].flags = self->no_compress_next ? GRPC_WRITE_NO_COMPRESS : 0;
+        ops[n].data.send_message.send_message = message;
+        n++;
+    }
+    return n;
+}
+
 /* The final batch: initial metadata (unless sent), an optional message and
  * the status. `message` is consumed. Returns 0, or -1 if it could not start
  * (the RPC is gone); never leaves an exception set. */
@@ -275,20 +297,8 @@ send_final(CallObject *self, grpc_status_code code, PyObject *details,
         return -1;
     }
     grpc_op ops[3];
-    size_t n = 0;
     memset(ops, 0, sizeof(ops));
-    if (!self->initial_md_sent) {
-        ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
-        ops[n].data.send_initial_metadata.count = self->compression_md.count;
-        ops[n].data.send_initial_metadata.metadata = self->compression_md.items;
-        n++;
-    }
-    if (message != NULL) {
-        ops[n].op = GRPC_OP_SEND_MESSAGE;
-        ops[n].flags = self->no_compress_next ? GRPC_WRITE_NO_COMPRESS : 0;
-        ops[n].data.send_message.send_message = message;
-        n++;
-    }
+    size_t n = add_send_ops(self, ops, message);
     grpc_slice details_slice;
     int have_details = 0;
     if (details != NULL && details != Py_None) {
@@ -894,18 +904,8 @@ call_py_write(CallObject *self, PyObject *message)
         return NULL;
     }
     grpc_op ops[2];
-    size_t n = 0;
     memset(ops, 0, sizeof(ops));
-    if (!self->initial_md_sent) {
-        ops[n].op = GRPC_OP_SEND_INITIAL_METADATA;
-        ops[n].data.send_initial_metadata.count = self->compression_md.count;
-        ops[n].data.send_initial_metadata.metadata = self->compression_md.items;
-        n++;
-    }
-    ops[n].op = GRPC_OP_SEND_MESSAGE;
-    ops[n].flags = self->no_compress_next ? GRPC_WRITE_NO_COMPRESS : 0;
-    ops[n].data.send_message.send_message = bb;
-    n++;
+    size_t n = add_send_ops(self, ops, bb);
     self->write_op.send = bb;
     if (start_batch(self, ops, n, &self->write_op.tag) < 0) {
         self->write_op.send = NULL;
