@@ -232,14 +232,21 @@ post_request(ServerObject *self, RequestSlot *slot)
     return 0;
 }
 
-/* A new call is ours but Python must not see it (the server is being torn
- * down from dealloc): refuse it without creating any object. */
+/* Refuse a new call without creating a Call object for it (the server is
+ * being torn down, or the object could not be made): end it with `code`,
+ * give it back to the core, and release what its request slot received. */
 static void
-refuse_raw_call(grpc_call *c)
+refuse_raw_call(RequestSlot *slot, grpc_call *c, grpc_byte_buffer *payload,
+                grpc_status_code code, const char *details)
 {
-    grpc_call_cancel_with_status(c, GRPC_STATUS_UNAVAILABLE,
-                                 "server is shutting down", NULL);
+    grpc_call_cancel_with_status(c, code, details, NULL);
     grpc_call_unref(c);
+    /* The entries pointed into the call; keep the slot's array empty. */
+    grpc_metadata_array_destroy(&slot->metadata);
+    grpc_metadata_array_init(&slot->metadata);
+    if (payload != NULL) {
+        grpc_byte_buffer_destroy(payload);
+    }
 }
 
 /* Run the Python side of a generic (unregistered) call. */
@@ -293,34 +300,22 @@ on_request(Tag *tag, int ok)
         }
     }
     if (self->phase == SERVER_CLOSED || self->hooks == NULL) {
-        refuse_raw_call(c);
-        grpc_metadata_array_destroy(&slot->metadata);
-        grpc_metadata_array_init(&slot->metadata);
-        if (payload != NULL) {
-            grpc_byte_buffer_destroy(payload);
-        }
         Py_XDECREF(method_str);
+        refuse_raw_call(slot, c, payload, GRPC_STATUS_UNAVAILABLE,
+                        "server is shutting down");
         return;
     }
-    if (method == NULL && method_str == NULL) {
-        PyErr_WriteUnraisable((PyObject *)self);
-        refuse_raw_call(c);
-        return;
+    CallObject *call = NULL;
+    if (method != NULL || method_str != NULL) {
+        call = call_new(self, method, method ? method->path_str : method_str,
+                        c, deadline, &slot->metadata);
     }
-    CallObject *call = call_new(self, method,
-                                method ? method->path_str : method_str, c,
-                                deadline, &slot->metadata);
     Py_XDECREF(method_str);
     if (call == NULL) {
+        /* No memory for the method name or the Call object. */
         PyErr_WriteUnraisable((PyObject *)self);
-        grpc_call_cancel_with_status(c, GRPC_STATUS_RESOURCE_EXHAUSTED,
-                                     "out of memory", NULL);
-        grpc_call_unref(c);
-        grpc_metadata_array_destroy(&slot->metadata);
-        grpc_metadata_array_init(&slot->metadata);
-        if (payload != NULL) {
-            grpc_byte_buffer_destroy(payload);
-        }
+        refuse_raw_call(slot, c, payload, GRPC_STATUS_RESOURCE_EXHAUSTED,
+                        "out of memory");
         return;
     }
     call_start_recv_close(call);
