@@ -262,3 +262,39 @@ def test_eof_equals_grpc_aio_eof():
     assert asyncgrpc.EOF == grpc.aio.EOF
     assert not asyncgrpc.EOF
     assert asyncgrpc.EOF != b""
+
+
+def test_done_callback_added_after_the_rpc_ended_still_runs(server_thread, recorder):
+    kept = []
+
+    async def keep(request, context):
+        kept.append(context)
+        return b""
+    server_thread.start(lambda s: add_raw_methods(s, {"Keep": keep}))
+    with grpc.insecure_channel(server_thread.target) as channel:
+        channel.unary_unary(path("Keep"))(b"", timeout=10)
+    context = kept[0]
+    deadline = time.monotonic() + 5
+    while not context.done() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert context.done()
+    server_thread.call(lambda: context.add_done_callback(lambda ctx: recorder.add(ctx is context)))
+    assert recorder.wait_for(lambda items: items == [True])
+
+
+def test_configuration_errors_are_clear():
+    with pytest.raises(ValueError, match="maximum_concurrent_rpcs"):
+        asyncgrpc.server(maximum_concurrent_rpcs=0)
+
+    async def main():
+        server = asyncgrpc.server()
+        server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            with pytest.raises(RuntimeError, match="already started"):
+                server.add_insecure_port("127.0.0.1:0")
+            with pytest.raises(RuntimeError, match="already started"):
+                server.add_registered_method_handlers("x.Y", {})
+        finally:
+            await server.stop(None)
+    asyncio.run(main())

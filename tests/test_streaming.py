@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -14,6 +13,8 @@ import grpc.aio
 import pytest
 
 import asyncgrpc
+
+from _proxy import CountingProxy
 
 SERVICE = "test.Stream"
 
@@ -357,52 +358,6 @@ def test_slow_reader_bounds_server_memory_over_1gb():
 
 # ---------------------------------------------------------------- compression
 
-class ByteCountingProxy:
-    """A TCP proxy on loopback counting the bytes the server sends."""
-
-    def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen()
-        self.port = self.listener.getsockname()[1]
-        self.server_to_client = 0
-        self.lock = threading.Lock()
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            upstream = socket.create_connection(("127.0.0.1", self.target_port))
-            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
-
-    def _pipe(self, src, dst, count) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                if count:
-                    with self.lock:
-                        self.server_to_client += len(data)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-
-    def close(self) -> None:
-        self.listener.close()
-
-
 BIG = b"compressible " * 80_000         # ~1 MB
 
 
@@ -429,17 +384,17 @@ def _compression_handlers():
 
 
 def _bytes_for(proxy, fn):
-    before = proxy.server_to_client
+    before = proxy.downstream
     fn()
     time.sleep(0.1)
-    return proxy.server_to_client - before
+    return proxy.downstream - before
 
 
 @pytest.mark.parametrize("default", [None, grpc.Compression.Gzip])
 def test_response_compression_on_the_wire(server_thread, default):
     server_thread.start(lambda s: s.add_registered_method_handlers(SERVICE, _compression_handlers()),
                         compression=default)
-    proxy = ByteCountingProxy(server_thread.port)
+    proxy = CountingProxy(server_thread.port)
     try:
         options = [("grpc.max_receive_message_length", 8 << 20)]
         with grpc.insecure_channel(f"127.0.0.1:{proxy.port}", options=options) as channel:
