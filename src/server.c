@@ -772,38 +772,18 @@ server_cancel_all_calls(ServerObject *self, PyObject *Py_UNUSED(ignored))
     Py_RETURN_NONE;
 }
 
-/* With the poller joined (or never started): handle events on this thread
- * until the shutdown tag has fired. */
+/* With the poller joined (or never started), handle events on this thread
+ * until `*done` is set: by the shutdown tag (shutdown_done) or by the queue
+ * reporting its own shutdown (queue_shutdown_seen). */
 static void
-wait_for_shutdown_tag(ServerObject *self)
+pump_queue_until(ServerObject *self, const int *done)
 {
     Bridge *b = &self->bridge;
     grpc_event ev;
     if (bridge_take(b, &ev)) {
         dispatch_event(ev);
     }
-    while (!self->shutdown_done) {
-        ev = grpc_completion_queue_next(
-            b->cq, gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
-                                gpr_time_from_millis(100, GPR_TIMESPAN)),
-            NULL);
-        if (ev.type == GRPC_OP_COMPLETE) {
-            dispatch_event(ev);
-        }
-    }
-}
-
-/* Handle whatever is left in the queue until it reports shutdown.
- * Only called after the poller has been joined. */
-static void
-drain_until_queue_shutdown(ServerObject *self)
-{
-    Bridge *b = &self->bridge;
-    grpc_event ev;
-    if (bridge_take(b, &ev)) {
-        dispatch_event(ev);
-    }
-    while (!b->queue_shutdown_seen) {
+    while (!*done) {
         ev = grpc_completion_queue_next(
             b->cq, gpr_time_add(gpr_now(GPR_CLOCK_MONOTONIC),
                                 gpr_time_from_millis(100, GPR_TIMESPAN)),
@@ -831,7 +811,7 @@ close_core(ServerObject *self)
         Py_BEGIN_ALLOW_THREADS
         bridge_stop_and_join(&self->bridge);
         Py_END_ALLOW_THREADS
-        drain_until_queue_shutdown(self);
+        pump_queue_until(self, &self->bridge.queue_shutdown_seen);
         bridge_destroy(&self->bridge);
     }
 }
@@ -855,7 +835,7 @@ force_shutdown(ServerObject *self)
     Py_BEGIN_ALLOW_THREADS
     bridge_stop_and_join(&self->bridge);
     Py_END_ALLOW_THREADS
-    wait_for_shutdown_tag(self);
+    pump_queue_until(self, &self->shutdown_done);
     close_core(self);
 }
 
