@@ -60,7 +60,9 @@ wake_loop_locked(Bridge *b)
         n = write(b->eventfd, &one, sizeof(one));
     } while (n < 0 && errno == EINTR);
     /* EAGAIN means the counter is saturated: the loop is already woken. */
-    b->counters->eventfd_writes++;
+    /* Pollers of several servers add to the one module-wide counter, each
+     * under its own mutex: the increment must be atomic. */
+    __atomic_fetch_add(&b->counters->eventfd_writes, 1, __ATOMIC_RELAXED);
 }
 
 static void *

@@ -9,6 +9,7 @@
 
 #include "call.h"
 #include "server.h"
+#include "utils.h"
 
 static PyObject *
 core_stats(PyObject *module, PyObject *Py_UNUSED(ignored))
@@ -20,7 +21,8 @@ core_stats(PyObject *module, PyObject *Py_UNUSED(ignored))
         "events", (unsigned long long)c->events,
         "events_inline", (unsigned long long)c->events_inline,
         "events_via_ring", (unsigned long long)c->events_via_ring,
-        "eventfd_writes", (unsigned long long)c->eventfd_writes,
+        "eventfd_writes",
+        (unsigned long long)__atomic_load_n(&c->eventfd_writes, __ATOMIC_RELAXED),
         "wakeups", (unsigned long long)c->wakeups,
         "drains", (unsigned long long)c->drains,
         "baton_to_poller", (unsigned long long)c->baton_to_poller,
@@ -52,6 +54,21 @@ core_grpc_version(PyObject *Py_UNUSED(module), PyObject *Py_UNUSED(ignored))
     return PyUnicode_FromString(grpc_version_string());
 }
 
+/* _inject_post_failures(n): test hook: the next n posts of a request slot
+ * fail as if the core refused them (the refusal path cannot be reached from
+ * the wire). */
+static PyObject *
+core_inject_post_failures(PyObject *module, PyObject *arg)
+{
+    ModuleState *st = PyModule_GetState(module);
+    int n = as_int(arg);
+    if (n == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    st->inject_post_failures = n < 0 ? 0 : n;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef core_methods[] = {
     {"stats", core_stats, METH_NOARGS,
      "Process-wide counters of the bridge and the RPCs (a dict of ints)."},
@@ -59,6 +76,8 @@ static PyMethodDef core_methods[] = {
      "configure(usage_error, eof): objects used by Call.read()/write()."},
     {"grpc_version", core_grpc_version, METH_NOARGS,
      "The version of the gRPC C core this module runs on."},
+    {"_inject_post_failures", core_inject_post_failures, METH_O,
+     "Test hook: make the next n request-slot posts fail."},
     {NULL, NULL, 0, NULL},
 };
 

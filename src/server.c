@@ -31,6 +31,7 @@
 static void on_request(Tag *tag, int ok);
 static void on_shutdown(Tag *tag, int ok);
 static int server_clear(ServerObject *self);
+static void force_shutdown(ServerObject *self);
 
 /* ------------------------------------------------------------------ */
 /* construction                                                        */
@@ -184,6 +185,8 @@ server_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     PyObject *module = PyType_GetModule(type);
     self->state = state_from_type(type);
     self->module = Py_NewRef(module);
+    /* Counted from here on: dealloc uncounts it on every error path below. */
+    self->state->live_servers++;
     self->max_concurrent = max_concurrent;
     self->shutdown_tag.complete = on_shutdown;
     self->bridge.eventfd = -1;
@@ -201,17 +204,21 @@ server_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
         return NULL;
     }
     grpc_server_register_completion_queue(self->server, self->bridge.cq, NULL);
-    self->state->live_servers++;
     return (PyObject *)self;
 }
 
 /* ------------------------------------------------------------------ */
 /* requests                                                            */
 
-static int
+static grpc_call_error
 post_request(ServerObject *self, RequestSlot *slot)
 {
     grpc_call_error err;
+    if (self->state->inject_post_failures > 0) {
+        /* Test hook (_core._inject_post_failures): act as a refusing core. */
+        self->state->inject_post_failures--;
+        return GRPC_CALL_ERROR;
+    }
     if (slot->method != NULL) {
         err = grpc_server_request_registered_call(
             self->server, slot->method->registered, &slot->call,
@@ -225,25 +232,59 @@ post_request(ServerObject *self, RequestSlot *slot)
             self->server, &slot->call, &slot->details, &slot->metadata,
             self->bridge.cq, self->bridge.cq, &slot->tag);
     }
-    if (err != GRPC_CALL_OK) {
-        return -1;
+    if (err == GRPC_CALL_OK) {
+        self->slots_outstanding++;
     }
-    self->slots_outstanding++;
-    return 0;
+    return err;
+}
+
+/* Post `slot` again after its call was taken. If the core refuses, the slot
+ * is set aside and retried on the next drain pass (retry_unposted), so a
+ * refusal never shrinks the server's capacity for good. */
+static void
+repost_request(ServerObject *self, RequestSlot *slot)
+{
+    grpc_call_error err = post_request(self, slot);
+    if (err == GRPC_CALL_OK) {
+        return;
+    }
+    slot->unposted = 1;
+    self->n_unposted++;
+    PyErr_Format(PyExc_RuntimeError,
+                 "the gRPC core refused a request slot for %s (error %d); "
+                 "retrying on the next drain",
+                 slot->method ? slot->method->path : "unregistered methods",
+                 (int)err);
+    PyErr_WriteUnraisable((PyObject *)self);
+}
+
+static void
+retry_unposted(ServerObject *self)
+{
+    if (self->n_unposted == 0 || self->phase != SERVER_STARTED) {
+        return;
+    }
+    for (Py_ssize_t i = 0; i < self->n_slots && self->n_unposted > 0; i++) {
+        RequestSlot *slot = &self->slots[i];
+        if (slot->unposted && post_request(self, slot) == GRPC_CALL_OK) {
+            slot->unposted = 0;
+            self->n_unposted--;
+        }
+    }
 }
 
 /* Refuse a new call without creating a Call object for it (the server is
  * being torn down, or the object could not be made): end it with `code`,
  * give it back to the core, and release what its request slot received. */
 static void
-refuse_raw_call(RequestSlot *slot, grpc_call *c, grpc_byte_buffer *payload,
-                grpc_status_code code, const char *details)
+refuse_raw_call(grpc_call *c, grpc_metadata_array *md,
+                grpc_byte_buffer *payload, grpc_status_code code,
+                const char *details)
 {
     grpc_call_cancel_with_status(c, code, details, NULL);
     grpc_call_unref(c);
-    /* The entries pointed into the call; keep the slot's array empty. */
-    grpc_metadata_array_destroy(&slot->metadata);
-    grpc_metadata_array_init(&slot->metadata);
+    /* The entries pointed into the call. */
+    grpc_metadata_array_destroy(md);
     if (payload != NULL) {
         grpc_byte_buffer_destroy(payload);
     }
@@ -270,10 +311,17 @@ on_request(Tag *tag, int ok)
     RequestSlot *slot = (RequestSlot *)tag;
     ServerObject *self = slot->server;
     self->slots_outstanding--;
+    /* Take everything the core wrote into the slot before it is posted
+     * again: a call already waiting is matched during the re-post, and the
+     * core then writes that call's metadata, deadline and payload into the
+     * same slot (CORE_NOTES 1). Reading the slot after the re-post handed
+     * one call's headers to another. */
     grpc_call *c = slot->call;
     slot->call = NULL;
     grpc_byte_buffer *payload = slot->payload;
     slot->payload = NULL;
+    grpc_metadata_array md = slot->metadata;
+    grpc_metadata_array_init(&slot->metadata);
     MethodEntry *method = slot->method;
     gpr_timespec deadline = method ? slot->deadline : slot->details.deadline;
     PyObject *method_str = NULL;
@@ -291,30 +339,29 @@ on_request(Tag *tag, int ok)
         if (payload != NULL) {
             grpc_byte_buffer_destroy(payload);
         }
+        grpc_metadata_array_destroy(&md);
         Py_XDECREF(method_str);
         return;
     }
     if (self->phase == SERVER_STARTED) {
-        if (post_request(self, slot) < 0) {
-            PyErr_WriteUnraisable((PyObject *)self);
-        }
+        repost_request(self, slot);
     }
     if (self->phase == SERVER_CLOSED || self->hooks == NULL) {
         Py_XDECREF(method_str);
-        refuse_raw_call(slot, c, payload, GRPC_STATUS_UNAVAILABLE,
+        refuse_raw_call(c, &md, payload, GRPC_STATUS_UNAVAILABLE,
                         "server is shutting down");
         return;
     }
     CallObject *call = NULL;
     if (method != NULL || method_str != NULL) {
         call = call_new(self, method, method ? method->path_str : method_str,
-                        c, deadline, &slot->metadata);
+                        c, deadline, &md);
     }
     Py_XDECREF(method_str);
     if (call == NULL) {
         /* No memory for the method name or the Call object. */
         PyErr_WriteUnraisable((PyObject *)self);
-        refuse_raw_call(slot, c, payload, GRPC_STATUS_RESOURCE_EXHAUSTED,
+        refuse_raw_call(c, &md, payload, GRPC_STATUS_RESOURCE_EXHAUSTED,
                         "out of memory");
         return;
     }
@@ -379,6 +426,7 @@ server_drain(ServerObject *self, PyObject *Py_UNUSED(ignored))
         Py_RETURN_NONE;
     }
     self->state->counters.drains++;
+    retry_unposted(self);
     int n = 0;
     while (n < DRAIN_BUDGET) {
         grpc_event ev = bridge_poll(b);
@@ -663,7 +711,7 @@ server_start(ServerObject *self, PyObject *const *args, Py_ssize_t nargs)
     grpc_server_start(self->server);
     self->phase = SERVER_STARTED;
     for (Py_ssize_t i = 0; i < n_slots; i++) {
-        if (post_request(self, &self->slots[i]) < 0) {
+        if (post_request(self, &self->slots[i]) != GRPC_CALL_OK) {
             PyErr_SetString(PyExc_RuntimeError, "cannot post a request");
             goto error;
         }
@@ -688,11 +736,20 @@ server_start(ServerObject *self, PyObject *const *args, Py_ssize_t nargs)
     Py_DECREF(wakeup_cb);
     Py_RETURN_NONE;
 error:
-    /* Whatever started is torn down by shutdown()/close() or dealloc. */
     Py_XDECREF(create_task);
     Py_XDECREF(call_soon);
     Py_XDECREF(drain_cb);
     Py_DECREF(wakeup_cb);
+    {
+        /* Nothing half-started may stay behind: a started core keeps the
+         * port bound and would take connections nobody answers. Shut it
+         * down and release it now (keeping the exception across the pump,
+         * whose event handlers must not see it); the server is closed. */
+        PyObject *exc = take_exception();
+        force_shutdown(self);
+        server_clear(self);
+        PyErr_SetRaisedException_compat(exc);
+    }
     return NULL;
 }
 
@@ -816,8 +873,9 @@ close_core(ServerObject *self)
     }
 }
 
-/* Shut the core down from here without the loop (never started, or the
- * Python server was dropped without stop()): no Python object sees a call. */
+/* Shut the core down from here without the loop (never started, the
+ * Python server was dropped without stop(), or stop() was cut short between
+ * the shutdown tag and close()): no Python object sees a call. */
 static void
 force_shutdown(ServerObject *self)
 {
@@ -826,17 +884,45 @@ force_shutdown(ServerObject *self)
     }
     self->phase = SERVER_CLOSED;
     Py_CLEAR(self->shutdown_future);
-    if (!self->shutdown_started) {
-        self->shutdown_started = 1;
-        grpc_server_shutdown_and_notify(self->server, self->bridge.cq,
-                                        &self->shutdown_tag);
+    if (!self->shutdown_done) {
+        if (!self->shutdown_started) {
+            self->shutdown_started = 1;
+            grpc_server_shutdown_and_notify(self->server, self->bridge.cq,
+                                            &self->shutdown_tag);
+        }
+        grpc_server_cancel_all_calls(self->server);
+        /* The shutdown tag is still to come, so a poller blocked in cq_next
+         * returns with it (or with another event) and then sees `stop`. */
+        Py_BEGIN_ALLOW_THREADS
+        bridge_stop_and_join(&self->bridge);
+        Py_END_ALLOW_THREADS
+        pump_queue_until(self, &self->shutdown_done);
     }
-    grpc_server_cancel_all_calls(self->server);
-    Py_BEGIN_ALLOW_THREADS
-    bridge_stop_and_join(&self->bridge);
-    Py_END_ALLOW_THREADS
-    pump_queue_until(self, &self->shutdown_done);
+    /* Once the tag has fired no event may ever come: joining a poller
+     * blocked in cq_next now would wait forever. close_core shuts the queue
+     * down first, which wakes it with GRPC_QUEUE_SHUTDOWN. */
     close_core(self);
+}
+
+/* Stop watching the eventfd if the loop still runs (the Python server was
+ * dropped without close()); errors are ignored, e.g. a closed loop. */
+static void
+forget_reader(ServerObject *self)
+{
+    if (self->loop == NULL || self->bridge.eventfd < 0) {
+        return;
+    }
+    PyObject *saved = take_exception();
+    PyObject *fd = PyLong_FromLong(self->bridge.eventfd);
+    PyObject *r = fd ? PyObject_CallMethodOneArg(
+                           self->loop, self->state->str_remove_reader, fd)
+                     : NULL;
+    Py_XDECREF(fd);
+    Py_XDECREF(r);
+    PyErr_Clear();
+    if (saved != NULL) {
+        PyErr_SetRaisedException_compat(saved);
+    }
 }
 
 /* close(): after the shutdown future resolved: destroy the server, stop the
@@ -852,17 +938,7 @@ server_close(ServerObject *self, PyObject *Py_UNUSED(ignored))
                         "close() needs the shutdown future to be done");
         return NULL;
     }
-    if (self->loop != NULL && self->bridge.eventfd >= 0) {
-        PyObject *fd = PyLong_FromLong(self->bridge.eventfd);
-        PyObject *r = fd ? PyObject_CallMethodOneArg(
-                               self->loop, self->state->str_remove_reader, fd)
-                         : NULL;
-        Py_XDECREF(fd);
-        if (r == NULL) {
-            PyErr_WriteUnraisable((PyObject *)self);
-        }
-        Py_XDECREF(r);
-    }
+    forget_reader(self);
     if (self->phase == SERVER_NEW) {
         force_shutdown(self);
     }
@@ -952,6 +1028,9 @@ server_dealloc(ServerObject *self)
     /* No Call object is alive here (each holds a reference to us), so a
      * forced shutdown touches no Python object but our own futures. */
     Py_CLEAR(self->hooks);
+    if (self->phase != SERVER_CLOSED) {
+        forget_reader(self);
+    }
     force_shutdown(self);
     if (self->bridge.cq != NULL || self->bridge.eventfd >= 0) {
         bridge_destroy(&self->bridge);

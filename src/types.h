@@ -27,6 +27,9 @@
 #include <grpc/support/time.h>
 
 /* ---- counters (plain C: the poller thread updates some of them) ---- */
+/* Only eventfd_writes is written by poller threads (without the GIL, one
+ * per server): it is updated and read with __atomic builtins. The others are
+ * written by loop threads holding the GIL. */
 typedef struct {
     uint64_t events;            /* completion events handled */
     uint64_t events_inline;     /* ... taken by the loop's own non-blocking polls */
@@ -69,6 +72,7 @@ typedef struct {
     Counters counters;           /* summed over every server of the process */
     int live_servers;
     int grpc_initialized;
+    int inject_post_failures;    /* test hook: refuse this many posts */
 } ModuleState;
 
 /* ---- tags ---- */
@@ -111,6 +115,7 @@ typedef struct {
     grpc_metadata_array metadata;
     grpc_byte_buffer *payload;
     grpc_call_details details;   /* generic requests only */
+    int unposted;                /* the core refused its re-post: retry */
 } RequestSlot;
 
 typedef struct MethodEntry {
@@ -138,6 +143,7 @@ typedef struct ServerObject {
     RequestSlot *slots;          /* all outstanding request slots */
     Py_ssize_t n_slots;
     Py_ssize_t slots_outstanding;
+    Py_ssize_t n_unposted;       /* slots waiting for a retried post */
     Py_ssize_t max_concurrent;   /* 0: unlimited */
     Py_ssize_t active_calls;
     int draining;                /* answer new calls UNAVAILABLE */
