@@ -138,3 +138,167 @@ def test_each_call_gets_its_own_metadata_deadline_peer_and_payload(server_thread
     # One connection per channel: its calls share one peer, and channels differ.
     assert all(len(p) == 1 and next(iter(p)) for p in peers_by_channel.values()), peers_by_channel
     assert len({next(iter(p)) for p in peers_by_channel.values()}) == n_channels
+
+
+# ------------------------------------------------- 1.2: collecting a half-stopped server
+
+HALF_STOPPED = """
+import asyncio, gc, sys, grpc, grpc.aio, asyncgrpc
+
+async def slow(request, context):
+    await asyncio.sleep(30)
+    return b"late"
+
+async def main(mode):
+    server = asyncgrpc.server(blocked_loop_threshold=None)
+    server.add_registered_method_handlers(
+        "t.S", {"Slow": asyncgrpc.unary_unary_rpc_method_handler(slow)})
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    if mode == "tag-fired":
+        # The shutdown tag fires, then the server is dropped without close().
+        await server._core.shutdown()
+        assert server._core.phase == "shutting_down"
+    else:
+        # stop(grace) is still waiting for an RPC when asyncio.run() tears
+        # the loop down: the stop task and the RPC's task are cancelled, the
+        # loop closed, the server collected.
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+        call = channel.unary_unary("/t.S/Slow")(b"", timeout=20)
+        while not server._core.active_calls:
+            await asyncio.sleep(0.01)
+        asyncio.ensure_future(server.stop(5.0))
+        await asyncio.sleep(0.1)
+        assert server._core.draining
+    return server
+
+mode = sys.argv[1]
+server = asyncio.run(main(mode))
+del server
+gc.collect()
+print("collected", flush=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["tag-fired", "stop-cancelled"])
+def test_collecting_a_half_stopped_server_does_not_hang(mode):
+    proc = subprocess.run([sys.executable, "-X", "dev", "-c", HALF_STOPPED, mode],
+                          env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+                          text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "collected" in proc.stdout
+
+
+# ------------------------------------------------- 1.5: a start() that fails half-way
+
+class _RefusingLoop(asyncio.SelectorEventLoop):
+    """A loop whose add_reader fails: start() fails after the core started."""
+
+    def add_reader(self, fd, callback, *args):  # type: ignore[override]
+        raise RuntimeError("add_reader refused by the test")
+
+
+def _port_accepts(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(2)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def test_failed_start_releases_the_port_and_stop_works():
+    async def greet(request, context):
+        return b"hi"
+
+    async def main() -> int:
+        server = asyncgrpc.server(blocked_loop_threshold=None)
+        server.add_registered_method_handlers(
+            "t.S", {"Greet": asyncgrpc.unary_unary_rpc_method_handler(greet)})
+        port = server.add_insecure_port("127.0.0.1:0")
+        with pytest.raises(RuntimeError, match="add_reader refused"):
+            await server.start()
+        # Nothing was left listening, and stop() (as a finally: block would
+        # call it) is clean.
+        assert not _port_accepts(port)
+        await server.stop(None)
+        await server.stop(1.0)
+        return port
+
+    loop = _RefusingLoop()
+    try:
+        port = loop.run_until_complete(main())
+    finally:
+        loop.close()
+
+    # The port is free again: a new server binds it (SO_REUSEPORT is off,
+    # so a leftover listener would make this fail) and serves.
+    async def again() -> bytes:
+        server = asyncgrpc.server(blocked_loop_threshold=None)
+        server.add_registered_method_handlers(
+            "t.S", {"Greet": asyncgrpc.unary_unary_rpc_method_handler(greet)})
+        assert server.add_insecure_port(f"127.0.0.1:{port}") == port
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                return await channel.unary_unary("/t.S/Greet")(b"", timeout=10)
+        finally:
+            await server.stop(None)
+    assert asyncio.run(again()) == b"hi"
+
+
+# ------------------------------------------------- 1.8: counters and refused re-posts
+
+def test_live_servers_not_negative_after_eventfd_failure():
+    proc = run_script("""
+        import os, resource, asyncgrpc
+        base = asyncgrpc.stats()["live_servers"]
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
+        held = []
+        try:
+            while True:
+                held.append(os.open("/dev/null", os.O_RDONLY))
+        except OSError:
+            pass
+        for _ in range(3):
+            try:
+                asyncgrpc.server(blocked_loop_threshold=None)
+            except OSError as exc:
+                assert "Too many open files" in str(exc), exc
+            else:
+                raise AssertionError("server() succeeded without a free fd")
+        for fd in held:
+            os.close(fd)
+        assert asyncgrpc.stats()["live_servers"] == base, asyncgrpc.stats()
+        s = asyncgrpc.server(blocked_loop_threshold=None)
+        assert asyncgrpc.stats()["live_servers"] == base + 1
+        del s
+        assert asyncgrpc.stats()["live_servers"] == base
+        print("ok")
+    """)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-3000:]
+
+
+def test_refused_repost_is_reported_and_retried(server_thread):
+    """If the core refuses to take a request slot back, the error names it
+    and the slot is retried: every slot of the method refused once must not
+    leave the method unable to take calls."""
+    unraisable = []
+    old_hook = sys.unraisablehook
+    sys.unraisablehook = lambda u: unraisable.append(u.exc_value)
+
+    async def echo(request, context):
+        return request
+
+    try:
+        server_thread.start(lambda s: s.add_registered_method_handlers(
+            SERVICE, {"Echo": asyncgrpc.unary_unary_rpc_method_handler(echo)}))
+        with grpc.insecure_channel(server_thread.target) as channel:
+            echo_call = channel.unary_unary(path("Echo"))
+            assert echo_call(b"warm", timeout=10) == b"warm"
+            asyncgrpc._core._inject_post_failures(SLOTS + 8)
+            for i in range(3 * SLOTS):
+                assert echo_call(str(i).encode(), timeout=10) == str(i).encode()
+    finally:
+        asyncgrpc._core._inject_post_failures(0)
+        sys.unraisablehook = old_hook
+    assert unraisable and all(isinstance(e, RuntimeError) for e in unraisable), unraisable
+    assert "refused a request slot for /test.Adversity/Echo" in str(unraisable[0])
