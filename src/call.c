@@ -161,6 +161,9 @@ call_dealloc(CallObject *self)
     grpc_metadata_array_destroy(&self->request_md);
     metadata_clear(&self->trailing_md);
     metadata_clear(&self->compression_md);
+    if (self->read_held != NULL) {
+        grpc_byte_buffer_destroy(self->read_held);
+    }
     if (self->counted_active && self->server != NULL) {
         self->server->active_calls--;
     }
@@ -573,6 +576,56 @@ call_run_handler(CallObject *self, PyObject *behavior, PyObject *deserializer,
 /* ------------------------------------------------------------------ */
 /* reading: context.read(), and the request of a generic unary method  */
 
+/* The value a read() returns for a completed RECV_MESSAGE: the
+ * deserialized message, or EOF at the end of the stream (or when the RPC is
+ * gone: its task is being cancelled then). On a bad message the RPC ends
+ * with INTERNAL, as in grpc.aio, and *exc is the deserializer's exception
+ * for read() to raise; returns NULL then. */
+static PyObject *
+read_result(CallObject *self, int ok, grpc_byte_buffer *bb, PyObject **exc)
+{
+    *exc = NULL;
+    if (!ok || bb == NULL) {
+        return Py_NewRef(self->server->state->eof);
+    }
+    PyObject *value = byte_buffer_to_bytes(bb);
+    if (value != NULL && self->deserializer != NULL &&
+        self->deserializer != Py_None) {
+        Py_SETREF(value, PyObject_CallOneArg(self->deserializer, value));
+    }
+    if (value == NULL) {
+        *exc = take_exception();
+        report(self, "deserialize", *exc);
+        call_finish_status(self, GRPC_STATUS_INTERNAL,
+                           "Exception deserializing request!");
+    }
+    return value;
+}
+
+/* Resolve `fut` with what read_result() gives for this receive. */
+static void
+resolve_read(CallObject *self, PyObject *fut, int ok, grpc_byte_buffer *bb)
+{
+    PyObject *exc;
+    PyObject *value = read_result(self, ok, bb, &exc);
+    resolve_future(self, fut, value, exc);
+    Py_XDECREF(value);
+    Py_XDECREF(exc);
+}
+
+/* Is `fut` done (a read() whose awaiter was cancelled)? -1 on error. */
+static int
+future_is_done(CallObject *self, PyObject *fut)
+{
+    PyObject *done = PyObject_CallMethodNoArgs(fut, self->server->state->str_done);
+    if (done == NULL) {
+        return -1;
+    }
+    int over = done == Py_True;
+    Py_DECREF(done);
+    return over;
+}
+
 static void
 on_read(Tag *tag, int ok)
 {
@@ -582,35 +635,22 @@ on_read(Tag *tag, int ok)
     self->read_op.active = 0;
     self->pending_batches--;
     if (self->read_op.future != NULL) {
-        /* context.read(): the deserialized message, or EOF at the end of
-         * the stream (or when the RPC is gone: its task is being cancelled
-         * then). */
         PyObject *fut = self->read_op.future;
         self->read_op.future = NULL;
-        PyObject *value;
-        if (!ok || bb == NULL) {
-            value = Py_NewRef(self->server->state->eof);
+        int over = future_is_done(self, fut);
+        if (over < 0) {
+            PyErr_WriteUnraisable(fut);
         }
-        else {
-            value = byte_buffer_to_bytes(bb);
-            if (value != NULL && self->deserializer != NULL &&
-                self->deserializer != Py_None) {
-                Py_SETREF(value, PyObject_CallOneArg(self->deserializer, value));
-            }
+        if (over == 1 && !self->terminated) {
+            /* Its read() was cancelled (asyncio.wait_for timed out) before
+             * the message landed: keep it for the next read(). */
+            self->read_held = bb;
+            self->read_held_ok = ok != 0;
+            self->read_held_set = 1;
+            bb = NULL;
         }
-        if (value == NULL) {
-            /* As grpc.aio: the RPC ends with INTERNAL, and the handler's
-             * read() raises the deserializer's exception. */
-            PyObject *exc = take_exception();
-            report(self, "deserialize", exc);
-            call_finish_status(self, GRPC_STATUS_INTERNAL,
-                               "Exception deserializing request!");
-            resolve_future(self, fut, NULL, exc);
-            Py_XDECREF(exc);
-        }
-        else {
-            resolve_future(self, fut, value, NULL);
-            Py_DECREF(value);
+        else if (over == 0) {
+            resolve_read(self, fut, ok, bb);
         }
         Py_DECREF(fut);
     }
@@ -791,16 +831,28 @@ call_py_read(CallObject *self, PyObject *Py_UNUSED(ignored))
     if (!self->request_streaming) {
         return usage_error(self, "read() is only for request-streaming RPCs");
     }
-    if (self->read_op.active) {
-        PyObject *prev = self->read_op.future;
-        PyObject *done = prev ? PyObject_CallMethodNoArgs(
-                                    prev, self->server->state->str_done)
-                              : NULL;
-        if (prev != NULL && done == NULL) {
+    if (self->read_held_set) {
+        /* A message that landed after an earlier read() was cancelled. */
+        PyObject *fut = new_future(self);
+        if (fut == NULL) {
             return NULL;
         }
-        int prev_over = done == Py_True;
-        Py_XDECREF(done);
+        grpc_byte_buffer *bb = self->read_held;
+        int ok = self->read_held_ok;
+        self->read_held = NULL;
+        self->read_held_set = 0;
+        resolve_read(self, fut, ok, bb);
+        if (bb != NULL) {
+            grpc_byte_buffer_destroy(bb);
+        }
+        return fut;
+    }
+    if (self->read_op.active) {
+        PyObject *prev = self->read_op.future;
+        int prev_over = prev ? future_is_done(self, prev) : 0;
+        if (prev_over < 0) {
+            return NULL;
+        }
         if (prev_over) {
             /* The previous read() was cancelled (asyncio.wait_for timed
              * out, say) while its message was on the way: this read() gets

@@ -204,6 +204,7 @@ typedef struct CallObject {
     FutureOp write_op;
     SendMetadata compression_md; /* grpc-internal-encoding-request, or empty */
     grpc_byte_buffer *finish_payload;
+    grpc_byte_buffer *read_held; /* received after its read() was cancelled */
     int pending_batches;
     /* flags */
     unsigned initial_md_sent : 1;
@@ -216,6 +217,8 @@ typedef struct CallObject {
     unsigned request_streaming : 1;
     unsigned response_streaming : 1;
     unsigned no_compress_next : 1;   /* disable_next_message_compression() */
+    unsigned read_held_set : 1;  /* read_held (maybe NULL: end of stream) waits */
+    unsigned read_held_ok : 1;   /* ... and the ok of its completion */
     PyObject *weakreflist;
 } CallObject;
 

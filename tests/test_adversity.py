@@ -302,3 +302,48 @@ def test_refused_repost_is_reported_and_retried(server_thread):
         sys.unraisablehook = old_hook
     assert unraisable and all(isinstance(e, RuntimeError) for e in unraisable), unraisable
     assert "refused a request slot for /test.Adversity/Echo" in str(unraisable[0])
+
+
+# ------------------------------------------------- 1.3: read() after a cancelled read()
+
+@pytest.mark.parametrize("kind", ["stream_unary", "stream_stream"])
+def test_read_with_timeout_loses_no_message(server_thread, kind):
+    """The heartbeat pattern: read with a timeout in a loop, do other work
+    on timeout. A message that lands after a read() was cancelled and before
+    the next read() must be returned by that next read()."""
+    n = 5
+    timeouts = []
+
+    async def heartbeat(request, context):
+        got = []
+        while True:
+            try:
+                message = await asyncio.wait_for(context.read(), 0.03)
+            except asyncio.TimeoutError:
+                timeouts.append(1)
+                await asyncio.sleep(0.1)     # "send a heartbeat", meanwhile a message lands
+                continue
+            if message is asyncgrpc.EOF:
+                break
+            got.append(message)
+        return b",".join(got)
+
+    async def heartbeat_stream(request, context):
+        yield await heartbeat(request, context)
+
+    handler = (asyncgrpc.stream_unary_rpc_method_handler(heartbeat) if kind == "stream_unary"
+               else asyncgrpc.stream_stream_rpc_method_handler(heartbeat_stream))
+    server_thread.start(lambda s: s.add_registered_method_handlers(SERVICE, {"Beat": handler}))
+
+    def requests():
+        for i in range(n):
+            time.sleep(0.07)
+            yield f"m{i}".encode()
+
+    with grpc.insecure_channel(server_thread.target) as channel:
+        if kind == "stream_unary":
+            reply = channel.stream_unary(path("Beat"))(requests(), timeout=20)
+        else:
+            reply = b"".join(channel.stream_stream(path("Beat"))(requests(), timeout=20))
+    assert reply == b",".join(f"m{i}".encode() for i in range(n))
+    assert timeouts, "the reads never timed out: the test did not exercise the race"
