@@ -82,6 +82,25 @@ ensure_invocation_md(CallObject *self)
     return self->invocation_md == NULL ? -1 : 0;
 }
 
+static PyObject *call_peer(CallObject *self, PyObject *ignored);
+static PyObject *call_auth(CallObject *self, PyObject *ignored);
+
+/* Read the peer and the auth context from the grpc_call, to answer peer()
+ * and auth_context() after the call is released. */
+static int
+keep_peer_and_auth(CallObject *self)
+{
+    if (self->peer_kept == NULL &&
+        (self->peer_kept = call_peer(self, NULL)) == NULL) {
+        return -1;
+    }
+    if (self->auth_kept == NULL &&
+        (self->auth_kept = call_auth(self, NULL)) == NULL) {
+        return -1;
+    }
+    return 0;
+}
+
 /* Give the grpc_call back to the core once nothing can use it any more:
  * the RPC is over (recv-close fired) and no batch is in flight. */
 static void
@@ -90,9 +109,12 @@ call_maybe_release(CallObject *self)
     if (self->call == NULL || self->pending_batches > 0 || !self->terminated) {
         return;
     }
-    if (!self->task_done && self->task != NULL) {
-        /* The handler still runs and may ask for its metadata. */
-        if (ensure_invocation_md(self) < 0) {
+    if (Py_REFCNT(self) > 1) {
+        /* Someone besides the caller's batch reference holds the context (a
+         * handler still running, a background task, a late done callback):
+         * keep what it may still ask for, as grpc.aio does. Nobody else can
+         * see it in the common case, which then pays nothing. */
+        if (ensure_invocation_md(self) < 0 || keep_peer_and_auth(self) < 0) {
             PyErr_WriteUnraisable((PyObject *)self);
         }
     }
@@ -111,6 +133,8 @@ call_traverse(CallObject *self, visitproc visit, void *arg)
     Py_VISIT(self->server);
     Py_VISIT(self->method_str);
     Py_VISIT(self->invocation_md);
+    Py_VISIT(self->peer_kept);
+    Py_VISIT(self->auth_kept);
     Py_VISIT(self->task);
     Py_VISIT(self->behavior);
     Py_VISIT(self->deserializer);
@@ -131,6 +155,8 @@ call_clear(CallObject *self)
     /* `server` is kept until dealloc: the grpc_call and the queue need it. */
     Py_CLEAR(self->method_str);
     Py_CLEAR(self->invocation_md);
+    Py_CLEAR(self->peer_kept);
+    Py_CLEAR(self->auth_kept);
     Py_CLEAR(self->task);
     Py_CLEAR(self->behavior);
     Py_CLEAR(self->deserializer);
@@ -1130,7 +1156,8 @@ static PyObject *
 call_peer(CallObject *self, PyObject *Py_UNUSED(ignored))
 {
     if (self->call == NULL) {
-        return PyUnicode_FromString("");
+        return self->peer_kept ? Py_NewRef(self->peer_kept)
+                               : PyUnicode_FromString("");
     }
     char *peer = grpc_call_get_peer(self->call);
     if (peer == NULL) {
@@ -1147,6 +1174,14 @@ call_peer(CallObject *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 call_auth(CallObject *self, PyObject *Py_UNUSED(ignored))
 {
+    if (self->call == NULL && self->auth_kept != NULL) {
+        /* A fresh dict each time: callers may change what they get. */
+        PyObject *props = PyDict_Copy(PyTuple_GET_ITEM(self->auth_kept, 0));
+        return props ? Py_BuildValue("(NOO)", props,
+                                     PyTuple_GET_ITEM(self->auth_kept, 1),
+                                     PyTuple_GET_ITEM(self->auth_kept, 2))
+                     : NULL;
+    }
     PyObject *props = PyDict_New();
     if (props == NULL) {
         return NULL;

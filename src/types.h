@@ -186,6 +186,8 @@ typedef struct CallObject {
     gpr_timespec deadline;       /* GPR_CLOCK_MONOTONIC */
     grpc_metadata_array request_md;  /* entries owned by the call */
     PyObject *invocation_md;     /* tuple, converted lazily */
+    PyObject *peer_kept;         /* peer() kept when the call was released */
+    PyObject *auth_kept;         /* _auth() tuple kept likewise */
     PyObject *task;
     PyObject *behavior, *deserializer, *serializer;
     /* status and metadata set by the handler */

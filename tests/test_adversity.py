@@ -347,3 +347,43 @@ def test_read_with_timeout_loses_no_message(server_thread, kind):
             reply = b"".join(channel.stream_stream(path("Beat"))(requests(), timeout=20))
     assert reply == b",".join(f"m{i}".encode() for i in range(n))
     assert timeouts, "the reads never timed out: the test did not exercise the race"
+
+
+# ------------------------------------------------- 1.4: the context after the RPC ended
+
+def test_context_keeps_its_values_after_the_rpc_ended(server_thread, recorder):
+    """Code still holding the context after the handler finished (a
+    background task, a done callback added late) sees the same metadata,
+    peer and auth context as the handler did, as with grpc.aio."""
+    background = set()
+
+    def snapshot(context):
+        return (dict(context.invocation_metadata()), context.peer(), context.auth_context())
+
+    async def later(context):
+        while not context.done():
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.05)         # well after the call was released
+        recorder.add(("task", snapshot(context)))
+        context.add_done_callback(lambda ctx: recorder.add(("callback", snapshot(ctx))))
+
+    async def handler(request, context):
+        recorder.add(("handler", snapshot(context)))
+        task = asyncio.ensure_future(later(context))
+        background.add(task)
+        task.add_done_callback(background.discard)
+        return request
+
+    server_thread.start(lambda s: s.add_registered_method_handlers(
+        SERVICE, {"Keep": asyncgrpc.unary_unary_rpc_method_handler(handler)}))
+    with grpc.insecure_channel(server_thread.target) as channel:
+        assert channel.unary_unary(path("Keep"))(
+            b"x", timeout=10, metadata=(("x-id", "kept-1"), ("x-blob-bin", b"\x00\x01"))) == b"x"
+    assert recorder.wait_for(lambda items: len(items) == 3)
+    seen = dict(recorder.items)
+    md, peer, auth = seen["handler"]
+    assert md["x-id"] == "kept-1" and md["x-blob-bin"] == b"\x00\x01"
+    assert peer.startswith("ipv4:127.0.0.1:")
+    assert auth.get("transport_security_type") == [b"insecure"]
+    assert seen["task"] == seen["handler"]
+    assert seen["callback"] == seen["handler"]
