@@ -266,9 +266,9 @@ class Server:
         if kind == "handler":
             _LOGGER.error("Unexpected %s raised by servicer method %s",
                           type(exc).__name__, method, exc_info=exc)
-        elif kind == "deserialize":
+        elif kind in ("deserialize", "read"):
             _LOGGER.error("Exception deserializing request for %s", method, exc_info=exc)
-        elif kind == "serialize":
+        elif kind in ("serialize", "write"):
             _LOGGER.error("Exception serializing response for %s", method, exc_info=exc)
         else:
             _LOGGER.error("%s error in %s", kind, method, exc_info=exc)

@@ -243,6 +243,18 @@ report(CallObject *self, const char *kind, PyObject *exc)
 {
     ModuleState *st = self->server->state;
     PyObject *hooks = self->server->hooks;
+    if (exc != NULL &&
+        (PyErr_GivenExceptionMatches(exc, PyExc_KeyboardInterrupt) ||
+         PyErr_GivenExceptionMatches(exc, PyExc_SystemExit))) {
+        /* Not an error of the RPC, nothing to log. From code the drain or
+         * a done callback runs, it must reach the loop; from the handler's
+         * task ("handler") or from read()/write() (which raise it in the
+         * handler) asyncio's task code propagates it already. */
+        if (strcmp(kind, "deserialize") == 0 || strcmp(kind, "serialize") == 0) {
+            server_defer_fatal(self->server, exc);
+        }
+        return -1;
+    }
     if (hooks == NULL) {
         return -1;
     }
@@ -426,7 +438,14 @@ on_recv_close(Tag *tag, int ok)
         PyObject *r = PyObject_CallMethodNoArgs((PyObject *)self,
                                                 st->str_run_done_callbacks);
         if (r == NULL) {
-            PyErr_WriteUnraisable((PyObject *)self);
+            PyObject *exc = take_exception();
+            if (server_defer_fatal(self->server, exc)) {
+                Py_DECREF(exc);
+            }
+            else {
+                PyErr_SetRaisedException_compat(exc);
+                PyErr_WriteUnraisable((PyObject *)self);
+            }
         }
         Py_XDECREF(r);
     }
@@ -523,6 +542,10 @@ call_on_task_done(CallObject *self, PyObject *task)
     Py_CLEAR(self->task);
     Py_CLEAR(self->behavior);
     call_maybe_release(self);
+    /* A KeyboardInterrupt from the serializer: asyncio re-raises it. */
+    if (server_raise_deferred(self->server) < 0) {
+        return NULL;
+    }
     Py_RETURN_NONE;
 }
 
@@ -575,6 +598,7 @@ call_run_handler(CallObject *self, PyObject *behavior, PyObject *deserializer,
          * something that is not awaitable): same as a handler exception. */
         PyObject *exc = take_exception();
         self->task_done = 1;
+        server_defer_fatal(server, exc);   /* no task to propagate it */
         if (exc != NULL) {
             finish_with_exception(self, exc);
             Py_DECREF(exc);
@@ -621,7 +645,7 @@ read_result(CallObject *self, int ok, grpc_byte_buffer *bb, PyObject **exc)
     }
     if (value == NULL) {
         *exc = take_exception();
-        report(self, "deserialize", *exc);
+        report(self, "read", *exc);
         call_finish_status(self, GRPC_STATUS_INTERNAL,
                            "Exception deserializing request!");
     }
@@ -970,7 +994,7 @@ call_py_write(CallObject *self, PyObject *message)
     if (bb == NULL) {
         /* As grpc.aio: the RPC ends with INTERNAL and write() raises. */
         PyObject *exc = take_exception();
-        report(self, "serialize", exc);
+        report(self, "write", exc);
         call_finish_status(self, GRPC_STATUS_INTERNAL,
                            "Failed to serialize response!");
         PyErr_SetRaisedException_compat(exc);

@@ -297,7 +297,14 @@ dispatch_generic(ServerObject *self, CallObject *call)
     PyObject *r = PyObject_CallMethodOneArg(
         self->hooks, self->state->str_dispatch_generic, (PyObject *)call);
     if (r == NULL) {
-        PyErr_WriteUnraisable(self->hooks);
+        PyObject *exc = take_exception();
+        if (server_defer_fatal(self, exc)) {
+            Py_DECREF(exc);
+        }
+        else {
+            PyErr_SetRaisedException_compat(exc);
+            PyErr_WriteUnraisable(self->hooks);
+        }
         call_finish_status(call, GRPC_STATUS_UNKNOWN,
                            "Error while dispatching the call");
         return;
@@ -408,13 +415,46 @@ on_request(Tag *tag, int ok)
 /* ------------------------------------------------------------------ */
 /* the loop side of the bridge                                         */
 
+int
+server_defer_fatal(ServerObject *self, PyObject *exc)
+{
+    if (exc == NULL ||
+        !(PyErr_GivenExceptionMatches(exc, PyExc_KeyboardInterrupt) ||
+          PyErr_GivenExceptionMatches(exc, PyExc_SystemExit))) {
+        return 0;
+    }
+    if (self->deferred_fatal == NULL) {
+        self->deferred_fatal = Py_NewRef(exc);
+    }
+    return 1;
+}
+
+int
+server_raise_deferred(ServerObject *self)
+{
+    PyObject *exc = self->deferred_fatal;
+    if (exc == NULL) {
+        return 0;
+    }
+    self->deferred_fatal = NULL;
+    PyErr_SetRaisedException_compat(exc);
+    return -1;
+}
+
 static inline void
-dispatch_event(grpc_event ev)
+dispatch_event(ServerObject *self, grpc_event ev)
 {
     Tag *tag = (Tag *)ev.tag;
     tag->complete(tag, ev.success);
     if (PyErr_Occurred()) {     /* handlers report their own errors */
-        PyErr_WriteUnraisable(NULL);
+        PyObject *exc = take_exception();
+        if (!server_defer_fatal(self, exc)) {
+            PyErr_SetRaisedException_compat(exc);
+            PyErr_WriteUnraisable(NULL);
+        }
+        else {
+            Py_DECREF(exc);
+        }
     }
 }
 
@@ -428,14 +468,27 @@ server_drain(ServerObject *self, PyObject *Py_UNUSED(ignored))
     self->state->counters.drains++;
     retry_unposted(self);
     int n = 0;
-    while (n < DRAIN_BUDGET) {
+    while (n < DRAIN_BUDGET && self->deferred_fatal == NULL) {
         grpc_event ev = bridge_poll(b);
         if (ev.type != GRPC_OP_COMPLETE) {
             break;
         }
         self->state->counters.events++;
-        dispatch_event(ev);
+        dispatch_event(self, ev);
         n++;
+    }
+    if (self->deferred_fatal != NULL) {
+        /* Keep the baton and go on in a later iteration (if the loop runs
+         * again, e.g. asyncio.run's teardown); raise now. */
+        b->pending_empty = 0;
+        PyObject *h = PyObject_CallOneArg(self->call_soon, self->drain_cb);
+        if (h == NULL) {
+            PyErr_Clear();
+            bridge_hand_back(b);
+        }
+        Py_XDECREF(h);
+        server_raise_deferred(self);
+        return NULL;
     }
     if (n == 0 && b->pending_empty) {
         bridge_hand_back(b);
@@ -468,8 +521,9 @@ server_on_wakeup(ServerObject *self, PyObject *Py_UNUSED(ignored))
     grpc_event ev;
     if (bridge_take(b, &ev)) {
         self->state->counters.events++;
-        dispatch_event(ev);
+        dispatch_event(self, ev);
     }
+    /* A KeyboardInterrupt from that event is raised by the drain. */
     return server_drain(self, NULL);
 }
 
@@ -838,7 +892,7 @@ pump_queue_until(ServerObject *self, const int *done)
     Bridge *b = &self->bridge;
     grpc_event ev;
     if (bridge_take(b, &ev)) {
-        dispatch_event(ev);
+        dispatch_event(self, ev);
     }
     while (!*done) {
         ev = grpc_completion_queue_next(
@@ -849,7 +903,7 @@ pump_queue_until(ServerObject *self, const int *done)
             b->queue_shutdown_seen = 1;
         }
         else if (ev.type == GRPC_OP_COMPLETE) {
-            dispatch_event(ev);
+            dispatch_event(self, ev);
         }
     }
 }
@@ -995,6 +1049,7 @@ server_traverse(ServerObject *self, visitproc visit, void *arg)
         Py_VISIT(self->methods[i].serializer);
     }
     Py_VISIT(self->shutdown_future);
+    Py_VISIT(self->deferred_fatal);
     Py_VISIT(self->loop);
     Py_VISIT(self->create_task);
     Py_VISIT(self->call_soon);
@@ -1053,6 +1108,7 @@ server_dealloc(ServerObject *self)
     PyMem_Free(self->methods);
     Py_CLEAR(self->shutdown_future);
     Py_CLEAR(self->context_class);
+    Py_CLEAR(self->deferred_fatal);
     server_clear(self);
     if (self->state != NULL && self->module != NULL) {
         self->state->live_servers--;

@@ -8,4 +8,15 @@
 
 extern PyType_Spec server_spec;
 
+/* KeyboardInterrupt and SystemExit raised by Python code that the drain runs
+ * (a deserializer, a generic handler's service(), a serializer, a done
+ * callback) are not RPC errors: the RPC ends with a status, and the
+ * exception is kept here to be raised from the loop callback that is
+ * running (_drain, _on_wakeup, a task's done callback), as asyncio does for
+ * task code. Returns 1 if `exc` is such an exception (then kept: the first
+ * one wins), 0 otherwise. Does not consume `exc`. */
+int server_defer_fatal(ServerObject *self, PyObject *exc);
+/* Raise the kept exception, if any: returns -1 with it set, or 0. */
+int server_raise_deferred(ServerObject *self);
+
 #endif

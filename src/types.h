@@ -151,6 +151,7 @@ typedef struct ServerObject {
     int shutdown_started;        /* grpc_server_shutdown_and_notify called */
     int shutdown_done;           /* ... and its tag fired */
     PyObject *shutdown_future;   /* resolved when the shutdown tag fires */
+    PyObject *deferred_fatal;    /* KeyboardInterrupt/SystemExit to raise */
     /* set by start() */
     PyObject *loop;
     PyObject *create_task;       /* bound loop.create_task */

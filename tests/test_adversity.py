@@ -387,3 +387,87 @@ def test_context_keeps_its_values_after_the_rpc_ended(server_thread, recorder):
     assert auth.get("transport_security_type") == [b"insecure"]
     assert seen["task"] == seen["handler"]
     assert seen["callback"] == seen["handler"]
+
+
+# ------------------------------------------------- 1.6: KeyboardInterrupt and SystemExit
+
+INTERRUPT = """
+import asyncio, sys, threading, grpc, asyncgrpc
+
+where, exc_name, loop_kind = sys.argv[1:4]
+EXC = {"KeyboardInterrupt": KeyboardInterrupt, "SystemExit": SystemExit}[exc_name]
+seen = {}
+
+def boom(*args):
+    raise EXC("from " + where)
+
+async def echo(request, context):
+    return request
+
+def handler():
+    if where == "deserializer":
+        return asyncgrpc.unary_unary_rpc_method_handler(echo, request_deserializer=boom)
+    if where == "serializer":
+        return asyncgrpc.unary_unary_rpc_method_handler(echo, response_serializer=boom)
+    return asyncgrpc.unary_unary_rpc_method_handler(echo)
+
+class Generic(asyncgrpc.GenericRpcHandler):
+    def service(self, details):
+        if where == "service":
+            boom()
+        return None
+
+async def main():
+    server = asyncgrpc.server(blocked_loop_threshold=None)
+    if where == "service":
+        server.add_generic_rpc_handlers([Generic()])
+    else:
+        server.add_registered_method_handlers("t.S", {"M": handler()})
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+
+    def client():
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            try:
+                channel.unary_unary("/t.S/M")(b"x", timeout=10)
+                seen["code"] = "OK"
+            except grpc.RpcError as err:
+                seen["code"] = err.code().name
+    thread = threading.Thread(target=client)
+    thread.start()
+    try:
+        await server.wait_for_termination(20)
+        print("not interrupted", flush=True)
+    finally:
+        thread.join(10)
+        print("client saw", seen.get("code"), flush=True)
+        await server.stop(None)
+
+if loop_kind == "uvloop":
+    import uvloop
+    uvloop.install()
+try:
+    asyncio.run(main())
+except EXC as exc:
+    print("propagated", type(exc).__name__, exc, flush=True)
+"""
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+@pytest.mark.parametrize("where, exc_name, status", [
+    ("deserializer", "KeyboardInterrupt", "INTERNAL"),
+    ("serializer", "KeyboardInterrupt", "INTERNAL"),
+    ("service", "KeyboardInterrupt", "UNKNOWN"),
+    ("serializer", "SystemExit", "INTERNAL"),
+])
+def test_keyboard_interrupt_and_system_exit_propagate(loop_kind, where, exc_name, status):
+    """Raised by code the server runs for an RPC (not the handler's own
+    task), they end that RPC with a status and then stop the loop, as they
+    would from task code: Ctrl-C under load is not lost."""
+    proc = subprocess.run([sys.executable, "-c", INTERRUPT, where, exc_name, loop_kind],
+                          env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True,
+                          text=True, timeout=60)
+    out = proc.stdout
+    assert f"propagated {exc_name} from {where}" in out, (out, proc.stderr[-3000:])
+    assert f"client saw {status}" in out, (out, proc.stderr[-3000:])
+    assert "not interrupted" not in out
