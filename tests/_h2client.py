@@ -327,14 +327,6 @@ class H2Client:
                 break
         return r
 
-    def wait_all(self, stream_ids: Sequence[int], timeout: float = 10.0) -> List[Response]:
-        """Wait for the end of every stream in ``stream_ids`` (one deadline)."""
-        deadline = time.monotonic() + timeout
-        out = []
-        for sid in stream_ids:
-            out.append(self.response(sid, max(0.0, deadline - time.monotonic())))
-        return out
-
     def wait_closed(self, timeout: float = 5.0) -> bool:
         """Read (answering pings) until the server closes the connection."""
         deadline = time.monotonic() + timeout

@@ -19,7 +19,7 @@ import itertools
 import socket
 import threading
 import time
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Sequence, Tuple
 
 import grpc
 import pytest
