@@ -229,6 +229,7 @@ call_start_recv_close(CallObject *self)
     if (start_batch(self, &op, 1, &self->recv_close_tag) < 0) {
         /* Without it we would never learn that the RPC is over. */
         self->terminated = 1;
+        self->server->state->counters.rpcs_finished++;
         self->cancelled = 1;
         return -1;
     }
@@ -407,7 +408,6 @@ on_finish(Tag *tag, int ok)
         grpc_byte_buffer_destroy(self->finish_payload);
         self->finish_payload = NULL;
     }
-    self->server->state->counters.rpcs_finished++;
     self->pending_batches--;
     call_maybe_release(self);
     Py_DECREF(self);
@@ -420,6 +420,9 @@ on_recv_close(Tag *tag, int ok)
     ModuleState *st = self->server->state;
     self->pending_batches--;
     self->terminated = 1;
+    /* Every call ends here once, whether we sent a status or the client
+     * reset it, the transport refused it or the deadline passed. */
+    st->counters.rpcs_finished++;
     if (!ok || self->recv_close_cancelled) {
         self->cancelled = 1;
     }

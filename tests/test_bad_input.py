@@ -152,11 +152,8 @@ class Health:
 
     def check(self, what: str = "", timeout: float = 5.0, counters: bool = True) -> None:
         """Serve a normal RPC, then wait until no call is live and (with
-        ``counters``) rpcs_started - rpcs_finished is back to where it was.
-        Calls ended by the client or the transport before the server sent a
-        status are never counted as finished (see
-        test_rpcs_ended_without_a_status_count_as_finished), so the tests with
-        such calls check only the live calls."""
+        ``counters``) rpcs_started - rpcs_finished is back to where it was:
+        every call ends once, whoever ended it."""
         self.rpc()
         deadline = time.monotonic() + timeout
         while True:
@@ -498,7 +495,7 @@ def test_corrupt_gzip_message(server_thread, recorder, health, service):
             assert b"this is not gzip" not in messages
             if method == "Echo":
                 assert messages == []
-    health.check("corrupt gzip", counters=False)
+    health.check("corrupt gzip")
 
 
 @pytest.mark.xfail(strict=True, reason=(
@@ -548,11 +545,11 @@ def test_message_over_receive_limit(server_thread, recorder):
                 r = c.response(sid)
                 assert_status(r, [grpc.StatusCode.RESOURCE_EXHAUSTED], "stream too big")
                 assert big not in [i[2] for i in recorder.items if i[1] == call_id]
-                health.check("over receive limit", counters=False)
+                health.check("over receive limit")
         with pytest.raises(grpc.RpcError) as info:
             health.channel.unary_unary(f"/{SERVICE}/Echo")(big, timeout=10)
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-        health.check("over receive limit, grpcio", counters=False)
+        health.check("over receive limit, grpcio")
     finally:
         health.close()
 
@@ -575,7 +572,7 @@ def test_length_prefix_over_limit_refused_before_the_body(server_thread, recorde
             r = c.response(sid, timeout=1.5)
             assert_status(r, [grpc.StatusCode.RESOURCE_EXHAUSTED], "huge length prefix")
         assert call_id not in seen_ids(recorder)
-        health.check("huge length prefix", counters=False)
+        health.check("huge length prefix")
     finally:
         health.close()
 
@@ -598,14 +595,6 @@ def test_request_that_is_not_the_protobuf_type(server_thread, recorder, health):
     health.check("not protobuf")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "DEFECT (src/call.c:on_finish): rpcs_finished is counted only when the "
-    "server's own final-status batch completes, so an RPC that ends without "
-    "one (cancelled by the client with RST_STREAM or by closing the socket, or "
-    "refused by the transport, e.g. a message over max_receive_message_length) "
-    "is never counted: rpcs_started - rpcs_finished grows by one per such RPC "
-    "for ever although active_calls is back to 0. Count the end of every RPC "
-    "once (e.g. in on_recv_close, or where the grpc_call is released)."))
 def test_rpcs_ended_without_a_status_count_as_finished(server_thread, recorder):
     health = serve(server_thread, recorder,
                    options=[("grpc.max_receive_message_length", MAX_RECEIVE)])
@@ -659,7 +648,7 @@ def test_thousand_streams_opened_and_reset(server_thread, recorder, health):
             r = raw_unary(c, f"/{SERVICE}/Echo", ok_id.encode(), ok_id, timeout=10)
             if r.goaway_code is None:
                 assert_status(r, [grpc.StatusCode.OK], "request after the flood")
-        health.check("1000 resets", timeout=10, counters=False)
+        health.check("1000 resets", timeout=10)
 
     def started_not_ended(items: List[Any]) -> List[str]:
         started = {i[1] for i in items if i[0] in ("Slow", "Stream") and i[2] == "start"}
@@ -704,7 +693,7 @@ def test_tcp_close_in_the_middle_of_a_message(server_thread, recorder, health):
     assert headers_id not in seen_ids(recorder)
     assert recorder.wait_for(lambda items: ("Stream", frame_id, "start") not in items
                              or ("Stream", frame_id, "end") in items)
-    health.check("tcp close mid-message", counters=False)
+    health.check("tcp close mid-message")
 
 
 def test_idle_and_garbage_connections(server_thread, recorder, health):
