@@ -6,6 +6,7 @@ import concurrent.futures
 import functools
 import inspect
 import logging
+import os
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 from . import _core, _watchdog, executor
@@ -82,6 +83,7 @@ class Server:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._started = False
         self._stop_task: Optional[asyncio.Task] = None
+        self._pid = os.getpid()
         self._terminated: Optional[asyncio.Event] = None
         if handlers:
             self.add_generic_rpc_handlers(handlers)
@@ -139,6 +141,7 @@ class Server:
         self._loop = loop
         self._terminated = asyncio.Event()
         self._core.start(loop, ServicerContext, self)
+        self._pid = os.getpid()
         self._started = True
         self._lanes.start()
         executor._install(self._lanes)
@@ -153,9 +156,22 @@ class Server:
             self._lanes.shutdown()
             return
         assert self._loop is not None
+        if os.getpid() != self._pid:
+            self._stop_inert()
+            return
         if self._stop_task is None:
             self._stop_task = asyncio.ensure_future(self._stop(grace))
         await asyncio.shield(self._stop_task)
+
+    def _stop_inert(self) -> None:
+        """stop() in a process forked from the one that started the server:
+        the server, its pools and its watchdog belong to the parent, which
+        goes on serving. Release this copy without waiting for anything."""
+        if self._core.phase != "closed":
+            self._core.shutdown()
+        self._core.close()
+        assert self._terminated is not None
+        self._terminated.set()
 
     async def _stop(self, grace: Optional[float]) -> None:
         if grace:

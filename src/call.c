@@ -106,6 +106,11 @@ keep_peer_and_auth(CallObject *self)
 static void
 call_maybe_release(CallObject *self)
 {
+    if (self->call != NULL && server_inert(self->server)) {
+        /* A forked child's copy of the call: the core is not ours. */
+        self->call = NULL;
+        return;
+    }
     if (self->call == NULL || self->pending_batches > 0 || !self->terminated) {
         return;
     }
@@ -180,7 +185,7 @@ call_dealloc(CallObject *self)
         PyObject_ClearWeakRefs((PyObject *)self);
     }
     /* No batch is in flight (each holds a reference), so this is safe. */
-    if (self->call != NULL) {
+    if (self->call != NULL && !server_inert(self->server)) {
         grpc_call_unref(self->call);
         self->call = NULL;
     }
@@ -208,6 +213,11 @@ static int
 start_batch(CallObject *self, const grpc_op *ops, size_t n, Tag *tag)
 {
     if (self->call == NULL || self->server->phase == SERVER_CLOSED) {
+        return -1;
+    }
+    if (server_inert(self->server)) {
+        /* In a forked child nothing is sent: the RPC is the parent's. */
+        call_maybe_release(self);
         return -1;
     }
     grpc_call_error err = grpc_call_start_batch(self->call, ops, n, tag, NULL);
@@ -1182,7 +1192,7 @@ call_invocation_metadata(CallObject *self, PyObject *Py_UNUSED(ignored))
 static PyObject *
 call_peer(CallObject *self, PyObject *Py_UNUSED(ignored))
 {
-    if (self->call == NULL) {
+    if (self->call == NULL || server_inert(self->server)) {
         return self->peer_kept ? Py_NewRef(self->peer_kept)
                                : PyUnicode_FromString("");
     }
@@ -1213,7 +1223,7 @@ call_auth(CallObject *self, PyObject *Py_UNUSED(ignored))
     if (props == NULL) {
         return NULL;
     }
-    if (self->call == NULL) {
+    if (self->call == NULL || server_inert(self->server)) {
         return Py_BuildValue("(NOO)", props, Py_None, Py_None);
     }
     grpc_auth_context *ctx = grpc_call_auth_context(self->call);

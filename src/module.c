@@ -7,6 +7,8 @@
  */
 #include "types.h"
 
+#include <errno.h>
+
 #include "call.h"
 #include "server.h"
 #include "utils.h"
@@ -141,8 +143,15 @@ core_exec(PyObject *module)
     if (PyModule_AddIntConstant(module, "REQUESTS_PER_METHOD", 64) < 0) {
         return -1;
     }
+    int err = server_register_atfork();
+    if (err != 0) {
+        errno = err;
+        PyErr_SetFromErrno(PyExc_OSError);
+        return -1;
+    }
     grpc_init();
     st->grpc_initialized = 1;
+    st->fork_generation = server_fork_generation();
     return 0;
 }
 
@@ -195,7 +204,9 @@ core_free(void *module)
     ModuleState *st = PyModule_GetState((PyObject *)module);
     core_clear((PyObject *)module);
     /* A server still alive keeps the library in use: leave it to exit. */
-    if (st->grpc_initialized && st->live_servers == 0) {
+    /* Nor in a forked child: the library's threads are the parent's. */
+    if (st->grpc_initialized && st->live_servers == 0 &&
+        st->fork_generation == server_fork_generation()) {
         st->grpc_initialized = 0;
         grpc_shutdown();
     }

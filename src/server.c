@@ -17,6 +17,7 @@
 
 #include <errno.h>
 #include <string.h>
+#include <unistd.h>
 #include <grpc/grpc_security.h>
 
 #include "bridge.h"
@@ -32,6 +33,52 @@ static void on_request(Tag *tag, int ok);
 static void on_shutdown(Tag *tag, int ok);
 static int server_clear(ServerObject *self);
 static void force_shutdown(ServerObject *self);
+
+/* ------------------------------------------------------------------ */
+/* fork                                                                */
+
+/* Bumped in each forked child. Plain C state shared by every module
+ * instance of the process (never a Python object): the fork is per process. */
+static unsigned fork_generation;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+static int atfork_error;
+
+static void
+on_fork_child(void)
+{
+    __atomic_add_fetch(&fork_generation, 1, __ATOMIC_RELAXED);
+}
+
+static void
+install_atfork(void)
+{
+    atfork_error = pthread_atfork(NULL, NULL, on_fork_child);
+}
+
+int
+server_register_atfork(void)
+{
+    int err = pthread_once(&atfork_once, install_atfork);
+    return err ? err : atfork_error;
+}
+
+unsigned
+server_fork_generation(void)
+{
+    return __atomic_load_n(&fork_generation, __ATOMIC_RELAXED);
+}
+
+static int
+refuse_if_inert(ServerObject *self)
+{
+    if (server_inert(self)) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "this server was created before os.fork(): it is "
+                        "inert in the child process; create a new one");
+        return -1;
+    }
+    return 0;
+}
 
 /* ------------------------------------------------------------------ */
 /* construction                                                        */
@@ -188,6 +235,7 @@ server_new(PyTypeObject *type, PyObject *args, PyObject *kwds)
     /* Counted from here on: dealloc uncounts it on every error path below. */
     self->state->live_servers++;
     self->max_concurrent = max_concurrent;
+    self->fork_generation = server_fork_generation();
     self->shutdown_tag.complete = on_shutdown;
     self->bridge.eventfd = -1;
     if (bridge_init(&self->bridge, &self->state->counters) < 0) {
@@ -462,7 +510,8 @@ static PyObject *
 server_drain(ServerObject *self, PyObject *Py_UNUSED(ignored))
 {
     Bridge *b = &self->bridge;
-    if (self->phase == SERVER_CLOSED || !bridge_loop_holds_baton(b)) {
+    if (self->phase == SERVER_CLOSED || server_inert(self) ||
+        !bridge_loop_holds_baton(b)) {
         Py_RETURN_NONE;
     }
     self->state->counters.drains++;
@@ -514,6 +563,11 @@ server_on_wakeup(ServerObject *self, PyObject *Py_UNUSED(ignored))
     Bridge *b = &self->bridge;
     if (self->phase == SERVER_CLOSED) {
         /* A wake-up already queued when close() removed the reader. */
+        Py_RETURN_NONE;
+    }
+    if (server_inert(self)) {
+        /* A forked child's copy: the eventfd (and maybe the epoll set) is
+         * shared with the parent; reading it would steal its wake-up. */
         Py_RETURN_NONE;
     }
     self->state->counters.wakeups++;
@@ -615,6 +669,9 @@ server_add_http2_port(ServerObject *self, PyObject *const *args,
                         "ports must be added before the server starts");
         return NULL;
     }
+    if (refuse_if_inert(self) < 0) {
+        return NULL;
+    }
     const char *addr = PyUnicode_AsUTF8(args[0]);
     if (addr == NULL) {
         return NULL;
@@ -702,6 +759,9 @@ server_start(ServerObject *self, PyObject *const *args, Py_ssize_t nargs)
     }
     if (self->phase != SERVER_NEW) {
         PyErr_SetString(PyExc_RuntimeError, "the server was already started");
+        return NULL;
+    }
+    if (refuse_if_inert(self) < 0) {
         return NULL;
     }
     PyObject *loop = args[0], *context_class = args[1], *hooks = args[2];
@@ -839,6 +899,14 @@ server_shutdown(ServerObject *self, PyObject *Py_UNUSED(ignored))
         PyErr_SetString(PyExc_RuntimeError, "the server is not running");
         return NULL;
     }
+    if (server_inert(self) && !self->shutdown_done) {
+        /* A forked child's copy: nothing to shut down here (the parent's
+         * server goes on); report it done at once. */
+        Py_CLEAR(self->shutdown_future);
+        self->shutdown_started = 1;
+        self->shutdown_done = 1;
+        self->phase = SERVER_SHUTTING_DOWN;
+    }
     if (self->shutdown_future == NULL && !self->shutdown_done) {
         self->shutdown_future = PyObject_CallMethodNoArgs(
             self->loop, self->state->str_create_future);
@@ -878,6 +946,9 @@ server_cancel_all_calls(ServerObject *self, PyObject *Py_UNUSED(ignored))
         PyErr_SetString(PyExc_RuntimeError,
                         "cancel_all_calls() needs shutdown() first");
         return NULL;
+    }
+    if (server_inert(self)) {
+        Py_RETURN_NONE;
     }
     grpc_server_cancel_all_calls(self->server);
     Py_RETURN_NONE;
@@ -979,12 +1050,36 @@ forget_reader(ServerObject *self)
     }
 }
 
+/* In a forked child: let go of the core objects without calling into the
+ * core (its threads did not survive the fork, and the sockets and the
+ * eventfd's wake-ups belong to the parent). Closing our copy of the
+ * eventfd is all; the rest is left to the child's exit on purpose. The
+ * loop's reader is not removed either: the epoll set may be the parent's. */
+static void
+abandon_core(ServerObject *self)
+{
+    self->phase = SERVER_CLOSED;
+    self->server = NULL;
+    self->bridge.cq = NULL;
+    self->bridge.thread_started = 0;
+    if (self->bridge.eventfd >= 0) {
+        close(self->bridge.eventfd);
+        self->bridge.eventfd = -1;
+    }
+    Py_CLEAR(self->shutdown_future);
+}
+
 /* close(): after the shutdown future resolved: destroy the server, stop the
  * poller, release the queue and the eventfd. */
 static PyObject *
 server_close(ServerObject *self, PyObject *Py_UNUSED(ignored))
 {
     if (self->phase == SERVER_CLOSED) {
+        Py_RETURN_NONE;
+    }
+    if (server_inert(self)) {
+        abandon_core(self);
+        server_clear(self);
         Py_RETURN_NONE;
     }
     if (self->phase != SERVER_NEW && !self->shutdown_done) {
@@ -1083,6 +1178,9 @@ server_dealloc(ServerObject *self)
     /* No Call object is alive here (each holds a reference to us), so a
      * forced shutdown touches no Python object but our own futures. */
     Py_CLEAR(self->hooks);
+    if (server_inert(self)) {
+        abandon_core(self);
+    }
     if (self->phase != SERVER_CLOSED) {
         forget_reader(self);
     }

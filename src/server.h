@@ -8,6 +8,20 @@
 
 extern PyType_Spec server_spec;
 
+/* Fork safety (DESIGN 5: a forked child's copy of a server is inert).
+ * server_fork_generation() changes in every child process; a server made
+ * in an earlier generation neither polls, nor answers, nor calls into the
+ * core (whose threads did not survive the fork), and its teardown only
+ * releases memory. server_register_atfork() installs the hook (once per
+ * process; 0 or an errno). */
+int server_register_atfork(void);
+unsigned server_fork_generation(void);
+static inline int
+server_inert(const ServerObject *self)
+{
+    return self->fork_generation != server_fork_generation();
+}
+
 /* KeyboardInterrupt and SystemExit raised by Python code that the drain runs
  * (a deserializer, a generic handler's service(), a serializer, a done
  * callback) are not RPC errors: the RPC ends with a status, and the

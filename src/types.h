@@ -73,6 +73,7 @@ typedef struct {
     int live_servers;
     int grpc_initialized;
     int inject_post_failures;    /* test hook: refuse this many posts */
+    unsigned fork_generation;    /* at exec: grpc_init() ran in this process */
 } ModuleState;
 
 /* ---- tags ---- */
@@ -152,6 +153,7 @@ typedef struct ServerObject {
     int shutdown_done;           /* ... and its tag fired */
     PyObject *shutdown_future;   /* resolved when the shutdown tag fires */
     PyObject *deferred_fatal;    /* KeyboardInterrupt/SystemExit to raise */
+    unsigned fork_generation;    /* server_fork_generation() at creation */
     /* set by start() */
     PyObject *loop;
     PyObject *create_task;       /* bound loop.create_task */

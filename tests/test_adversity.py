@@ -471,3 +471,98 @@ def test_keyboard_interrupt_and_system_exit_propagate(loop_kind, where, exc_name
     assert f"propagated {exc_name} from {where}" in out, (out, proc.stderr[-3000:])
     assert f"client saw {status}" in out, (out, proc.stderr[-3000:])
     assert "not interrupted" not in out
+
+
+# ------------------------------------------------- 1.7: os.fork() with a running server
+
+FORK = """
+import asyncio, gc, os, sys, threading, time, grpc, asyncgrpc
+
+parent = os.getpid()
+replies, errors = [], []
+
+async def whoami(request, context):
+    return f"{request.decode()}:{os.getpid()}".encode()
+
+async def fork_here(request, context):
+    pid = os.fork()
+    if pid == 0:
+        # The child goes on running the loop a while, finishes this handler
+        # (its reply must go nowhere), then stops and drops its copy of the
+        # server and exits. It leaves by os._exit: asyncio's own teardown
+        # would unregister the loop's self-pipe from the epoll set it shares
+        # with the parent (asyncio's limit after fork, not the server's).
+        # (asyncio forgets the running loop in a child: use the one we know.)
+        the_loop.call_later(0.5, lambda: the_loop.create_task(child_exit()))
+        return b"from-child"
+    children.append(pid)
+    await asyncio.sleep(0.2)
+    return b"from-parent"
+
+async def child_exit():
+    global the_server
+    await the_server.stop(None)
+    await the_server.stop(1.0)
+    the_server = None
+    gc.collect()
+    print("child exits", flush=True)
+    os._exit(0)
+
+children = []
+
+async def main():
+    global done, the_loop
+    done = asyncio.Event()
+    the_loop = asyncio.get_running_loop()
+    global the_server
+    the_server = server = asyncgrpc.server(blocked_loop_threshold=None)
+    server.add_registered_method_handlers("t.S", {
+        "Who": asyncgrpc.unary_unary_rpc_method_handler(whoami),
+        "Fork": asyncgrpc.unary_unary_rpc_method_handler(fork_here)})
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    loop = asyncio.get_running_loop()
+
+    def client():
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            who = channel.unary_unary("/t.S/Who")
+            replies.append(("fork", channel.unary_unary("/t.S/Fork")(b"", timeout=10)))
+            end = time.monotonic() + 1.5
+            i = 0
+            while time.monotonic() < end:
+                try:
+                    replies.append((str(i), who(str(i).encode(), timeout=5)))
+                except grpc.RpcError as err:
+                    errors.append((i, err.code()))
+                i += 1
+        loop.call_soon_threadsafe(done.set)
+    threading.Thread(target=client, daemon=True).start()
+    await done.wait()
+    await server.stop(None)
+    the_server = None
+
+asyncio.run(main())
+status = None
+deadline = time.monotonic() + 20
+while time.monotonic() < deadline:
+    pid, code = os.waitpid(children[0], os.WNOHANG)
+    if pid:
+        status = os.waitstatus_to_exitcode(code)
+        break
+    time.sleep(0.05)
+else:
+    os.kill(children[0], 9)
+print("child status", status, flush=True)
+assert replies[0] == ("fork", b"from-parent"), replies[:3]
+wrong = [r for r in replies[1:] if r[1] != f"{r[0]}:{parent}".encode()]
+print("replies", len(replies), "wrong", len(wrong), "errors", len(errors), flush=True)
+"""
+
+
+def test_fork_with_a_running_server_leaves_the_child_inert():
+    proc = subprocess.run([sys.executable, "-c", FORK], env=dict(os.environ, PYTHONPATH=ROOT),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=60)
+    out = proc.stdout
+    assert proc.returncode == 0, (out, proc.stderr[-3000:])
+    assert "child exits" in out and "child status 0" in out, (out, proc.stderr[-3000:])
+    assert " wrong 0 errors 0" in out, (out, proc.stderr[-3000:])
