@@ -110,7 +110,9 @@ copy_str(const char *s)
     return c;
 }
 
-/* options: a sequence of (str key, int | str value). SO_REUSEPORT is off
+/* options: a sequence of (str key, value): int values are integer options,
+ * str and bytes values string options, others are accepted and ignored (as
+ * grpc.aio's pointer arguments are by the core). SO_REUSEPORT is off
  * unless the caller sets it, so a second server on a port fails loudly
  * instead of silently taking half the connections (CORE_NOTES 11). */
 static int
@@ -155,18 +157,31 @@ build_channel_args(PyObject *options, grpc_channel_args *out)
             arg->type = GRPC_ARG_INTEGER;
             arg->value.integer = v;
         }
-        else if (PyUnicode_Check(value)) {
-            const char *v = PyUnicode_AsUTF8(value);
-            if (v == NULL || (arg->value.string = copy_str(v)) == NULL) {
+        else if (PyUnicode_Check(value) || PyBytes_Check(value)) {
+            const char *v;
+            Py_ssize_t vlen;
+            if (PyBytes_Check(value)) {
+                v = PyBytes_AS_STRING(value);
+                vlen = PyBytes_GET_SIZE(value);
+            }
+            else if ((v = PyUnicode_AsUTF8AndSize(value, &vlen)) == NULL) {
+                goto error;
+            }
+            if ((Py_ssize_t)strlen(v) != vlen) {
+                PyErr_Format(PyExc_ValueError,
+                             "option %R: value contains a NUL byte", key);
+                goto error;
+            }
+            if ((arg->value.string = copy_str(v)) == NULL) {
                 goto error;
             }
             arg->type = GRPC_ARG_STRING;
         }
         else {
-            PyErr_Format(PyExc_TypeError,
-                         "option %R: value must be int or str, not %.100s",
-                         key, Py_TYPE(value)->tp_name);
-            goto error;
+            /* grpc.aio passes any other object (a float, say) to the core
+             * as a pointer argument, which no integer or string option
+             * reads: accept it and leave it out, as it has no effect. */
+            continue;
         }
         if ((arg->key = copy_str(k)) == NULL) {
             if (arg->type == GRPC_ARG_STRING) {
