@@ -235,7 +235,25 @@ def test_unsupported_arguments_are_clear():
     with pytest.raises(ValueError, match="compression"):
         asyncgrpc.server(compression=object())
     with pytest.raises(TypeError, match="option"):
-        asyncgrpc.server(options=[("grpc.max_receive_message_length", 1.5)])
+        asyncgrpc.server(options=[("grpc.max_receive_message_length",)])
+    with pytest.raises(ValueError, match="NUL"):
+        asyncgrpc.server(options=[("grpc.primary_user_agent", b"a\x00b")])
+
+
+def test_options_take_what_grpc_aio_takes(server_thread):
+    """bytes values are string options; a float (grpc.aio passes it to the
+    core as a pointer argument, which no option reads) is accepted."""
+    async def echo(request, context):
+        return request
+    options = [("grpc.primary_user_agent", b"asyncgrpc-bytes"), ("grpc.some_float", 1.5),
+               ("grpc.max_receive_message_length", 1024)]
+    grpc.aio.server(options=options)          # the same list works there
+    server_thread.start(lambda s: add_raw_methods(s, {"Echo": echo}), options=options)
+    with grpc.insecure_channel(server_thread.target) as channel:
+        assert channel.unary_unary(path("Echo"))(b"ok", timeout=10) == b"ok"
+        with pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary(path("Echo"))(b"x" * 2048, timeout=10)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_options_reach_the_core(server_thread):
