@@ -247,7 +247,9 @@ def test_options_take_what_grpc_aio_takes(server_thread):
         return request
     options = [("grpc.primary_user_agent", b"asyncgrpc-bytes"), ("grpc.some_float", 1.5),
                ("grpc.max_receive_message_length", 1024)]
-    grpc.aio.server(options=options)          # the same list works there
+    async def grpc_aio_accepts() -> None:     # the same list works there
+        grpc.aio.server(options=options)
+    asyncio.run(grpc_aio_accepts())
     server_thread.start(lambda s: add_raw_methods(s, {"Echo": echo}), options=options)
     with grpc.insecure_channel(server_thread.target) as channel:
         assert channel.unary_unary(path("Echo"))(b"ok", timeout=10) == b"ok"
