@@ -13,6 +13,10 @@ def grpc_version() -> str: ...
 def configure(usage_error: type, eof: object) -> None:
     """Hand the C fast paths of Call.read()/write() their exception and EOF."""
 
+def _inject_post_failures(n: int) -> None:
+    """Test hook: the next n re-posts of a request slot fail as if the core
+    refused them (they are reported and retried on the next drain)."""
+
 class Call:
     """One RPC on the server; base class of asyncgrpc.ServicerContext.
     Created only by the server."""
@@ -57,7 +61,6 @@ class Server:
     """A gRPC core server whose completion queue is driven by an asyncio loop."""
 
     active_calls: int
-    draining: bool
     phase: str
     def __init__(self, options: Sequence[Tuple[str, Any]] = ...,
                  maximum_concurrent_rpcs: int = ...) -> None: ...

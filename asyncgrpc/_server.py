@@ -83,6 +83,8 @@ class Server:
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._started = False
         self._stop_task: Optional[asyncio.Task] = None
+        self._stop_deadline = 0.0
+        self._stop_cut_short: Optional[asyncio.Event] = None
         self._pid = os.getpid()
         self._terminated: Optional[asyncio.Event] = None
         if handlers:
@@ -149,8 +151,11 @@ class Server:
         self._watchdog.start()
 
     async def stop(self, grace: Optional[float]) -> None:
-        """Stop: refuse new RPCs, let those in flight finish within ``grace``
-        seconds, then cancel the rest. ``stop(None)`` cancels at once."""
+        """Stop: send GOAWAY at once (clients start no new RPCs here and
+        move to other backends; the listening sockets close), let the RPCs in
+        flight finish within ``grace`` seconds, then cancel the rest.
+        ``stop(None)`` cancels at once; a later call with a shorter grace
+        cuts a running one short."""
         if not self._started:
             self._core.close()
             self._lanes.shutdown()
@@ -159,8 +164,15 @@ class Server:
         if os.getpid() != self._pid:
             self._stop_inert()
             return
+        deadline = self._loop.time() + (grace or 0.0)
         if self._stop_task is None:
-            self._stop_task = asyncio.ensure_future(self._stop(grace))
+            self._stop_deadline = deadline
+            self._stop_cut_short = asyncio.Event()
+            self._stop_task = asyncio.ensure_future(self._stop())
+        elif deadline < self._stop_deadline:
+            # A later stop() with a shorter grace (or None) wins.
+            self._stop_deadline = deadline
+            self._stop_cut_short.set()
         await asyncio.shield(self._stop_task)
 
     def _stop_inert(self) -> None:
@@ -173,23 +185,21 @@ class Server:
         assert self._terminated is not None
         self._terminated.set()
 
-    async def _stop(self, grace: Optional[float]) -> None:
-        if grace:
-            # Refuse new calls ourselves and let the in-flight ones finish
-            # while the connections stay open: shutting the core down first
-            # sends GOAWAY and closes each connection as its last stream ends,
-            # which can reset a socket before the client has read the reply.
-            self._core.draining = True
-            deadline = self._loop.time() + grace
-            while self._core.active_calls and self._loop.time() < deadline:
-                await asyncio.sleep(0.01)
+    async def _stop(self) -> None:
+        assert self._loop is not None
+        # GOAWAY at once: clients start no new calls on these connections
+        # (they move to other backends) and the listeners close, while the
+        # calls in flight go on until they end or the grace runs out.
         done = self._core.shutdown()
-        if grace:
-            remaining = max(0.0, deadline - self._loop.time())
-            try:
-                await asyncio.wait_for(asyncio.shield(done), remaining)
-            except asyncio.TimeoutError:
-                pass
+        while not done.done():
+            remaining = self._stop_deadline - self._loop.time()
+            if remaining <= 0:
+                break
+            self._stop_cut_short.clear()
+            cut_short = asyncio.ensure_future(self._stop_cut_short.wait())
+            await asyncio.wait({done, cut_short}, timeout=remaining,
+                               return_when=asyncio.FIRST_COMPLETED)
+            cut_short.cancel()
         if not done.done():
             self._core.cancel_all_calls()
             await done

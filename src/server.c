@@ -436,11 +436,7 @@ on_request(Tag *tag, int ok)
         return;
     }
     call_start_recv_close(call);
-    if (self->draining) {
-        call_finish_status(call, GRPC_STATUS_UNAVAILABLE,
-                           "The server is shutting down");
-    }
-    else if (self->max_concurrent > 0 &&
+    if (self->max_concurrent > 0 &&
              self->active_calls >= self->max_concurrent) {
         self->state->counters.rpcs_rejected++;
         call_finish_status(call, GRPC_STATUS_RESOURCE_EXHAUSTED,
@@ -1123,24 +1119,6 @@ server_get_active_calls(ServerObject *self, void *Py_UNUSED(closure))
 }
 
 static PyObject *
-server_get_draining(ServerObject *self, void *Py_UNUSED(closure))
-{
-    return PyBool_FromLong(self->draining);
-}
-
-static int
-server_set_draining(ServerObject *self, PyObject *value,
-                    void *Py_UNUSED(closure))
-{
-    int v = value ? PyObject_IsTrue(value) : 0;
-    if (v < 0) {
-        return -1;
-    }
-    self->draining = v;
-    return 0;
-}
-
-static PyObject *
 server_get_phase(ServerObject *self, void *Py_UNUSED(closure))
 {
     static const char *names[] = {"new", "started", "shutting_down", "closed"};
@@ -1253,8 +1231,6 @@ static PyMethodDef server_methods[] = {
 static PyGetSetDef server_getset[] = {
     {"active_calls", (getter)server_get_active_calls, NULL,
      "RPCs accepted and not yet terminated.", NULL},
-    {"draining", (getter)server_get_draining, (setter)server_set_draining,
-     "While true, new calls are answered UNAVAILABLE (graceful stop).", NULL},
     {"phase", (getter)server_get_phase, NULL,
      "'new', 'started', 'shutting_down' or 'closed'.", NULL},
     {NULL, NULL, NULL, NULL, NULL},

@@ -147,7 +147,6 @@ typedef struct ServerObject {
     Py_ssize_t n_unposted;       /* slots waiting for a retried post */
     Py_ssize_t max_concurrent;   /* 0: unlimited */
     Py_ssize_t active_calls;
-    int draining;                /* answer new calls UNAVAILABLE */
     Tag shutdown_tag;
     int shutdown_started;        /* grpc_server_shutdown_and_notify called */
     int shutdown_done;           /* ... and its tag fired */

@@ -169,7 +169,7 @@ async def main(mode):
             await asyncio.sleep(0.01)
         asyncio.ensure_future(server.stop(5.0))
         await asyncio.sleep(0.1)
-        assert server._core.draining
+        assert server._core.phase == "shutting_down"
     return server
 
 mode = sys.argv[1]

@@ -102,7 +102,15 @@ def test_stop_with_grace_finishes_in_flight_and_refuses_new(server_thread, recor
     target = server_thread.target
 
     async def main():
-        async with grpc.aio.insecure_channel(target) as channel:
+        # No BDP pings from this client: a ping that reaches the server just
+        # as the core closes the GOAWAY'd connection after its last stream is
+        # unread data, so the kernel resets the connection and replies still
+        # on the way are lost. That is the core's behaviour (grpc.aio servers
+        # lose replies the same way with this test's 50 simultaneous replies,
+        # on core 1.51 and 1.85), measured in benchmarks/RESULTS.md; this test
+        # is about the server finishing what is in flight.
+        async with grpc.aio.insecure_channel(
+                target, options=[("grpc.http2.bdp_probe", 0)]) as channel:
             method = channel.unary_unary(path("Slow"))
             inflight = [asyncio.ensure_future(method(str(i).encode(), timeout=30))
                         for i in range(50)]
