@@ -14,7 +14,7 @@ from typing import Any, Awaitable, Callable, Optional, Sequence, Tuple
 
 from ._handlers import HandlerCallDetails, RpcMethodHandler
 
-__all__ = ["ServerInterceptor", "check_interceptors", "run_chain"]
+__all__ = ["ServerInterceptor", "build_chain", "check_interceptors"]
 
 Continuation = Callable[[HandlerCallDetails], Awaitable[Optional[RpcMethodHandler]]]
 
@@ -45,17 +45,24 @@ def check_interceptors(interceptors: Sequence[Any]) -> Tuple[Any, ...]:
     return tuple(interceptors)
 
 
-async def run_chain(interceptors: Tuple[Any, ...], details: HandlerCallDetails,
-                    find: Callable[[HandlerCallDetails], Optional[Any]]) -> Optional[Any]:
-    """Run ``interceptors`` in order around ``find(details)``; the handler
-    the first interceptor returns (None if there is none)."""
+def build_chain(interceptors: Tuple[Any, ...],
+                find: Callable[[HandlerCallDetails], Optional[Any]]) -> Continuation:
+    """The continuation that runs ``interceptors`` in order around
+    ``find(details)`` (the lookup of the method's handler): awaiting it with
+    a call's details gives the handler the first interceptor returns. Built
+    once per server, so a call allocates nothing but its coroutines."""
 
-    def continuation_at(index: int) -> Continuation:
-        async def continuation(handler_call_details: HandlerCallDetails) -> Optional[Any]:
-            if index == len(interceptors):
-                return find(handler_call_details)
-            return await interceptors[index].intercept_service(
-                continuation_at(index + 1), handler_call_details)
-        return continuation
+    async def last(handler_call_details: HandlerCallDetails) -> Optional[Any]:
+        return find(handler_call_details)
 
-    return await continuation_at(0)(details)
+    chain: Continuation = last
+    for interceptor in reversed(interceptors):
+        chain = _link(interceptor.intercept_service, chain)
+    return chain
+
+
+def _link(intercept_service: Callable[..., Awaitable[Optional[Any]]],
+          next_continuation: Continuation) -> Continuation:
+    async def continuation(handler_call_details: HandlerCallDetails) -> Optional[Any]:
+        return await intercept_service(next_continuation, handler_call_details)
+    return continuation

@@ -11,7 +11,7 @@ from ._context import ServicerContext
 from ._compression import compression_number
 from ._credentials import ServerCredentials
 from ._handlers import HandlerCallDetails, method_paths
-from ._interceptors import check_interceptors, run_chain
+from ._interceptors import build_chain, check_interceptors
 from ._status import StatusCode
 from ._streaming import driver_for
 
@@ -52,6 +52,7 @@ class Server:
     ) -> None:
         _compat.register_with_grpc(Server)
         self._interceptors = check_interceptors(interceptors or ())
+        self._chain = build_chain(self._interceptors, self._find_for_interceptors)
         if maximum_concurrent_rpcs is not None and maximum_concurrent_rpcs < 1:
             raise ValueError("maximum_concurrent_rpcs must be None or >= 1")
         self._thread_pool = migration_thread_pool
@@ -140,13 +141,8 @@ class Server:
         """Start serving on the running event loop."""
         self._check_not_started()
         loop = asyncio.get_running_loop()
-        # With interceptors every call takes the generic path: they must
-        # run before the handler (and its serializers) is known.
-        for path, handler in () if self._interceptors else self._registered.items():
-            self._core.register_method(
-                path, self._behavior(handler), handler.request_deserializer,
-                handler.response_serializer, handler.request_streaming,
-                handler.response_streaming)
+        for path, registration in self._registrations():
+            self._core.register_method(path, *registration)
         self._loop = loop
         self._terminated = asyncio.Event()
         self._core.start(loop, ServicerContext, self)
@@ -228,6 +224,59 @@ class Server:
                             f"{handler.response_streaming} but no {kind} behavior")
         return driver_for(kind, behavior, self._thread_pool)
 
+    def _registrations(self) -> Iterable[Tuple[str, Tuple[Any, ...]]]:
+        """(path, register_method arguments) of the methods the C core
+        learns ahead of time.
+
+        Without interceptors: every known method with its handler. With
+        interceptors the final handler (and its serializers) is only known
+        once they ran, so unary-unary methods are registered raw (bytes in,
+        bytes out) with ``_intercepted_unary`` as behavior, and streaming
+        methods are left to the generic path (``_intercept``), which runs
+        the chain and then the handler with its own serializers.
+        """
+        for path, handler in self._registered.items():
+            if not self._interceptors:
+                yield path, (self._behavior(handler), handler.request_deserializer,
+                             handler.response_serializer, handler.request_streaming,
+                             handler.response_streaming)
+            elif not handler.request_streaming and not handler.response_streaming:
+                yield path, (self._intercepted_unary, None, None, False, False)
+
+    async def _intercepted_unary(self, payload: bytes, context: ServicerContext) -> Any:
+        """The behavior of a registered unary-unary method when there are
+        interceptors: run them, then the final handler, deserializing the
+        request and serializing the response with that handler's functions
+        (errors end the RPC with INTERNAL, as on the C path)."""
+        handler = await self._chain(
+            HandlerCallDetails(context._method, context.invocation_metadata()))
+        if handler is None:
+            context._finish(StatusCode.UNIMPLEMENTED.value[0], "Method not found!")
+            return None
+        if handler.request_streaming or handler.response_streaming:
+            raise TypeError(f"an interceptor returned a {_kind(handler)} handler for the "
+                            f"unary_unary method {context._method}; asyncgrpc needs a "
+                            "handler of the method's own kind")
+        deserializer = handler.request_deserializer
+        request = payload
+        if deserializer is not None:
+            try:
+                request = deserializer(payload)
+            except Exception as exc:
+                self._report("deserialize", context, exc)
+                context._finish(StatusCode.INTERNAL.value[0], "Exception deserializing request!")
+                return None
+        response = await self._behavior(handler)(request, context)
+        serializer = handler.response_serializer
+        if serializer is None or context._code or context._status_sent:
+            return response     # the core sends it as is, or drops it
+        try:
+            return serializer(response)
+        except Exception as exc:
+            self._report("serialize", context, exc)
+            context._finish(StatusCode.INTERNAL.value[0], "Failed to serialize response!")
+            return None
+
     def _find_handler(self, method: str, call: ServicerContext) -> Optional[Any]:
         handler = self._explicit.get(method)
         if handler is not None:
@@ -257,8 +306,7 @@ class Server:
         serializers)."""
         try:
             details = HandlerCallDetails(call._method, call.invocation_metadata())
-            handler = await run_chain(self._interceptors, details,
-                                      self._find_for_interceptors)
+            handler = await self._chain(details)
             if call.done():
                 return
             if handler is None:
@@ -283,14 +331,15 @@ class Server:
         method = call._method
         if self._interceptors:
             task = self._loop.create_task(self._intercept(call), name=method)
-            # The chain is cancelled with the RPC, as its handler would be.
-            call.add_done_callback(lambda _call: task.cancel())
+            # The chain is cancelled with the RPC, as its handler would be
+            # (the callback is task.cancel(msg=call): no closure per call).
+            call.add_done_callback(task.cancel)
             return
         try:
             handler = self._find_handler(method, call)
         except Exception as exc:
             _LOGGER.exception("generic handler failed for %s", method)
-            call._finish(StatusCode.UNKNOWN.value[0], f"Exception in generic handler: {exc}")
+            call._finish(StatusCode.UNKNOWN.value[0], f"Unexpected {type(exc)!r}: {exc}")
             return
         if handler is None:
             call._finish(StatusCode.UNIMPLEMENTED.value[0], "Method not found!")
