@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextvars
 import logging
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
@@ -305,6 +306,7 @@ class Server:
         (through the C core's generic path, with that handler's
         serializers)."""
         try:
+            start = contextvars.copy_context()
             details = HandlerCallDetails(call._method, call.invocation_metadata())
             handler = await self._chain(details)
             if call.done():
@@ -313,6 +315,14 @@ class Server:
                 call._finish(StatusCode.UNIMPLEMENTED.value[0], "Method not found!")
                 return
             behavior = self._behavior(handler)
+            if not handler.request_streaming:
+                # The core starts the handler's task only once the request
+                # has arrived, outside this task: if the interceptors set
+                # context variables, run the handler in their context, as
+                # grpc.aio does (it runs both in one task).
+                now = contextvars.copy_context()
+                if now != start:
+                    behavior = _in_context(behavior, now)
         except asyncio.CancelledError:
             if not call.done():
                 call._finish(StatusCode.CANCELLED.value[0], "Cancelled")
@@ -366,6 +376,14 @@ class Server:
         else:
             _LOGGER.error("%s error in %s", kind, method, exc_info=exc)
         return None
+
+
+def _in_context(behavior: Any, context: contextvars.Context) -> Any:
+    """``behavior`` run in a task of its own in ``context``."""
+    async def run(request: Any, servicer_context: ServicerContext) -> Any:
+        return await asyncio.get_running_loop().create_task(
+            behavior(request, servicer_context), context=context)
+    return run
 
 
 def server(

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
+import threading
 from typing import Any, Callable, Dict, Iterator, List, NoReturn, Optional, Sequence, Tuple, TypeVar
 
 from ._context import EOF, Metadata, Metadatum, ServicerContext, abort_error_class
@@ -16,6 +18,32 @@ from ._context import EOF, Metadata, Metadatum, ServicerContext, abort_error_cla
 __all__ = ["SyncServicerContext", "BlockingRequestIterator"]
 
 T = TypeVar("T")
+
+_LOGGER = logging.getLogger("asyncgrpc")
+
+# add_callback() callbacks run on a thread of their own: not on the loop
+# (a callback that takes a lock held by a handler thread waiting for the
+# loop would deadlock it) and not on the migration pool (its threads may all
+# be blocked until such callbacks run, as grpcio-health-checking's Watch is).
+_callback_pool: Optional[concurrent.futures.ThreadPoolExecutor] = None
+_callback_pool_lock = threading.Lock()
+
+
+def _run_callback(callback: Callable[[], Any]) -> None:
+    """Call ``callback()`` on the callback thread; its errors are logged."""
+    global _callback_pool
+    with _callback_pool_lock:
+        if _callback_pool is None:
+            _callback_pool = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix="asyncgrpc-callbacks")
+    _callback_pool.submit(_guarded, callback)
+
+
+def _guarded(callback: Callable[[], Any]) -> None:
+    try:
+        callback()
+    except Exception:
+        _LOGGER.exception("RPC callback %r failed", callback)
 
 
 def _on_loop(loop: asyncio.AbstractEventLoop, fn: Callable[..., T], *args: Any) -> T:
@@ -53,8 +81,9 @@ class SyncServicerContext:
 
     ``abort()`` raises (the RPC ends with its status at once),
     ``send_initial_metadata()`` returns once the headers are sent, and
-    ``add_callback(fn)`` calls ``fn()`` on the event loop thread when the RPC
-    terminates. Each call is carried out on the loop thread.
+    ``add_callback(fn)`` calls ``fn()`` when the RPC terminates (on a thread
+    reserved for such callbacks). Each method does its work on the loop
+    thread and waits for it.
     """
 
     __slots__ = ("_context", "_loop")
@@ -150,15 +179,15 @@ class SyncServicerContext:
         return _on_loop(self._loop, self._context.done)
 
     def add_callback(self, callback: Callable[[], Any]) -> bool:
-        """Call ``callback()`` (no arguments, on the event loop thread) when
-        the RPC terminates. Returns False, without registering it, if the
-        RPC has already terminated."""
+        """Call ``callback()`` (no arguments) when the RPC terminates, on a
+        thread reserved for these callbacks. Returns False, without
+        registering it, if the RPC has already terminated."""
         context = self._context
 
         def register() -> bool:
             if context.done():
                 return False
-            context.add_done_callback(lambda _context: callback())
+            context.add_done_callback(lambda _context: _run_callback(callback))
             return True
         return _on_loop(self._loop, register)
 
