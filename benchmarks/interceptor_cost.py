@@ -6,7 +6,9 @@ alternately without and with ``--interceptors 1`` (an interceptor whose
 server pinned to one CPU and driven by the C load generator pinned to the
 other, and reports the median throughput and server CPU time per RPC of
 each and their difference. Server CPU microseconds per RPC is the figure to
-read: it does not depend on whether the load generator saturates the server.
+read: it does not depend on whether the load generator saturates the server
+(throughput does, and on what else runs on the machine; "server busy" shows
+how much of its CPU the server used).
 
     python benchmarks/interceptor_cost.py [--runs 3] [--duration 4] [--scenario unary_10x10]
     python benchmarks/interceptor_cost.py --module grpc.aio     # the same on grpc.aio
@@ -78,7 +80,8 @@ def main() -> int:
           f"{args.duration:g} s, server on CPU 0, loadgen on CPU 1")
     for n in (0, 1):
         runs = ", ".join("%.1f" % r["server_cpu_us_per_op"] for r in results[n])
-        print(f"  {n} interceptor{'s' if n != 1 else ''}: {med(n, 'throughput'):10,.0f} req/s, "
+        print(f"  {n} interceptor{'s' if n != 1 else ''}: {med(n, 'throughput'):10,.0f} req/s "
+              f"(server busy {100 * med(n, 'server_cpu_util'):.0f}%), "
               f"server CPU {med(n, 'server_cpu_us_per_op'):6.1f} us/RPC (runs: {runs})")
     cost = med(1, "server_cpu_us_per_op") - med(0, "server_cpu_us_per_op")
     slower = 100 * (1 - med(1, "throughput") / med(0, "throughput"))
