@@ -166,6 +166,11 @@ class SyncServicerContext:
         """Seconds left until the deadline, or None if there is none."""
         return _on_loop(self._loop, self._context.time_remaining)
 
+    def cancel(self) -> None:
+        """End the RPC now with CANCELLED (``grpc.RpcContext.cancel``); the
+        handler goes on, and what it returns is dropped."""
+        _on_loop(self._loop, self._context._finish, 1, "Cancelled")
+
     def is_active(self) -> bool:
         """True while the RPC has not terminated."""
         return not _on_loop(self._loop, self._context.done)

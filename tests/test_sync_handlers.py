@@ -260,3 +260,20 @@ def test_sync_stream_handler_sees_cancellation_and_frees_its_thread(server_threa
     finally:
         server_thread.stop()
         pool.shutdown(wait=True)
+
+
+def test_sync_cancel_ends_the_rpc_with_cancelled(server_thread, recorder):
+    def handler(request: bytes, context: Any) -> bytes:
+        context.cancel()
+        deadline = time.monotonic() + 10
+        while context.is_active() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        recorder.add(("active after cancel", context.is_active()))
+        return b"dropped"
+    server_thread.start(lambda s: s.add_registered_method_handlers(
+        "test.Sync", {"M": asyncgrpc.unary_unary_rpc_method_handler(handler)}))
+    with grpc.insecure_channel(server_thread.target) as channel:
+        with pytest.raises(grpc.RpcError) as info:
+            channel.unary_unary("/test.Sync/M")(b"", timeout=10)
+    assert info.value.code() == grpc.StatusCode.CANCELLED
+    assert recorder.wait_for(lambda items: ("active after cancel", False) in items)
