@@ -174,8 +174,8 @@ def test_generic_handler_exception_reads_like_grpc_aio(server_thread, impl, capl
         def service(self, handler_call_details: Any) -> Any:
             raise KeyError("lookup failed")
     with caplog.at_level(logging.CRITICAL):
-        with serving(server_thread, impl, lambda s: s.add_generic_rpc_handlers([Broken()])) \
-                as target:
+        # server(handlers=[...]) adds generic handlers, as with grpc.aio
+        with serving(server_thread, impl, lambda s: None, handlers=[Broken()]) as target:
             with grpc.insecure_channel(target) as channel:
                 with pytest.raises(grpc.RpcError) as info:
                     channel.unary_unary("/test.Dropin/Any")(b"", timeout=10)
@@ -242,6 +242,25 @@ def test_grpcio_credentials_error_says_what_to_pass():
         assert "same arguments" in message
     finally:
         asyncio.run(server.stop(None))
+
+
+def test_out_of_order_server_calls_raise_where_grpc_aio_goes_on():
+    """Documented differences (docs/parity.md): grpc.aio lets these pass."""
+    async def main() -> None:
+        server = asyncgrpc.server()
+        with pytest.raises(RuntimeError, match="not started"):
+            await server.wait_for_termination(0.01)      # grpc.aio: returns True
+        server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            with pytest.raises(RuntimeError, match="already started"):
+                server.add_generic_rpc_handlers([])        # grpc.aio: accepted
+            with pytest.raises(RuntimeError, match="already started"):
+                server.add_insecure_port("127.0.0.1:0")    # grpc.aio: accepted
+        finally:
+            await server.stop(None)
+        assert await server.wait_for_termination(0.01) is False
+    asyncio.run(main())
 
 
 # ------------------------------------------------------------ grpcio-status
