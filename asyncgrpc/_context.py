@@ -92,8 +92,10 @@ _core.configure(UsageError, EOF)
 class ServicerContext(_core.Call):
     """The context of one RPC, with grpc.aio's ``ServicerContext`` methods.
 
-    Created by the server for each RPC; handlers receive it as ``context``.
-    ``invocation_metadata()``, ``peer()``, ``time_remaining()``,
+    Created by the server for each RPC; handlers receive it as ``context``
+    (plain ``def`` handlers get an ``asyncgrpc.SyncServicerContext`` around
+    it). With grpcio installed, ``isinstance(context,
+    grpc.aio.ServicerContext)`` is True. ``peer()``, ``time_remaining()``,
     ``cancelled()``, ``done()``, and the streaming ``read()`` (awaitable of
     the next request, or ``asyncgrpc.EOF`` after the client half-closed) and
     ``write(message)`` (awaitable, done once the transport has taken the

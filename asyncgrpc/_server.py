@@ -287,6 +287,7 @@ class Server:
         return self._query_generic(HandlerCallDetails(method, call.invocation_metadata()))
 
     def _query_generic(self, details: HandlerCallDetails) -> Optional[Any]:
+        """The first handler a generic handler returns for ``details``."""
         for generic in self._generic_handlers:
             handler = generic.service(details)
             if handler is not None:
