@@ -16,7 +16,7 @@ from . import _core
 from ._compression import Compression
 from ._credentials import ServerCredentials, ssl_server_credentials
 from ._descriptor import add_servicer
-from ._context import EOF, AbortError, BaseError, ServicerContext, UsageError
+from ._context import EOF, AbortError, BaseError, Metadatum, ServicerContext, UsageError
 from ._handlers import (
     GenericRpcHandler,
     HandlerCallDetails,
@@ -27,7 +27,9 @@ from ._handlers import (
     unary_stream_rpc_method_handler,
     unary_unary_rpc_method_handler,
 )
+from ._interceptors import ServerInterceptor
 from ._server import Server, server
+from ._sync import SyncServicerContext
 from .executor import (
     Lanes,
     LanesClosedError,
@@ -55,10 +57,13 @@ __all__ = [
     "run_in_process",
     "run_in_thread",
     "HandlerCallDetails",
+    "Metadatum",
     "RpcMethodHandler",
     "Server",
     "ServerCredentials",
+    "ServerInterceptor",
     "ServicerContext",
+    "SyncServicerContext",
     "StatusCode",
     "UsageError",
     "add_servicer",

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable, Dict, List, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, NamedTuple, NoReturn, Optional, Sequence, Tuple
 
 from . import _core
 from ._compression import compression_name
 from ._status import StatusCode, code_to_int
 
-__all__ = ["ServicerContext", "AbortError", "UsageError", "BaseError", "EOF"]
+__all__ = ["ServicerContext", "AbortError", "UsageError", "BaseError", "EOF", "Metadatum"]
 
 _LOGGER = logging.getLogger("asyncgrpc")
 
@@ -27,7 +27,11 @@ class BaseError(Exception):
 
 class AbortError(BaseError):
     """Raised by ``context.abort()`` to end the handler; the RPC ends with
-    the code and details given to ``abort``. Handlers need not catch it."""
+    the code and details given to ``abort``. Handlers need not catch it.
+
+    When grpcio is installed, what ``abort()`` raises is a subclass of both
+    this class and ``grpc.aio.AbortError``, so ``except grpc.aio.AbortError``
+    written for grpc.aio catches it too."""
 
 
 class UsageError(BaseError):
@@ -56,6 +60,31 @@ class _EOFType:
 
 EOF = _EOFType()
 
+
+class Metadatum(NamedTuple):
+    """One item of ``invocation_metadata()``: ``.key`` and ``.value``, and
+    still a ``(key, value)`` tuple (grpc.aio's items are the same)."""
+
+    key: str
+    value: Any
+
+
+# What abort() raises: AbortError, or (once a server was created with grpcio
+# importable) a subclass of AbortError and grpc.aio.AbortError; see _compat.
+_abort_error_class: type = AbortError
+
+
+def abort_error_class() -> type:
+    """The exception class ``context.abort()`` raises."""
+    return _abort_error_class
+
+
+def set_abort_error_class(cls: type) -> None:
+    """Make ``abort()`` raise ``cls`` (a subclass of AbortError)."""
+    global _abort_error_class
+    assert issubclass(cls, AbortError)
+    _abort_error_class = cls
+
 # The C fast paths of read() and write() raise UsageError and return EOF.
 _core.configure(UsageError, EOF)
 
@@ -63,15 +92,29 @@ _core.configure(UsageError, EOF)
 class ServicerContext(_core.Call):
     """The context of one RPC, with grpc.aio's ``ServicerContext`` methods.
 
-    Created by the server for each RPC; handlers receive it as ``context``.
-    ``invocation_metadata()``, ``peer()``, ``time_remaining()``,
+    Created by the server for each RPC; handlers receive it as ``context``
+    (plain ``def`` handlers get an ``asyncgrpc.SyncServicerContext`` around
+    it). With grpcio installed, ``isinstance(context,
+    grpc.aio.ServicerContext)`` is True. ``peer()``, ``time_remaining()``,
     ``cancelled()``, ``done()``, and the streaming ``read()`` (awaitable of
     the next request, or ``asyncgrpc.EOF`` after the client half-closed) and
     ``write(message)`` (awaitable, done once the transport has taken the
     message: back-pressure) are implemented in C by the base class.
     """
 
-    __slots__ = ()
+    # _md: invocation_metadata() as Metadatum items, made on first use.
+    __slots__ = ("_md",)
+
+    def invocation_metadata(self) -> Tuple[Metadatum, ...]:
+        """The request metadata: ``Metadatum(key, value)`` items, which
+        compare equal to ``(key, value)`` tuples. Keys are str; values are
+        bytes for keys ending in ``-bin``, str otherwise."""
+        try:
+            return self._md
+        except AttributeError:
+            md = tuple(map(_make_metadatum, _core.Call.invocation_metadata(self)))
+            self._md = md
+            return md
 
     def set_compression(self, compression: Any) -> None:
         """Compress this RPC's responses with ``compression``
@@ -93,6 +136,18 @@ class ServicerContext(_core.Call):
         ``code`` is an ``asyncgrpc.StatusCode`` or ``grpc.StatusCode``.
         ``trailing_metadata``, if given, replaces what was set before.
         """
+        self._abort_now(code, details, trailing_metadata)
+        raise _abort_error_class("Locally aborted.")
+
+    async def abort_with_status(self, status: Any) -> NoReturn:
+        """End the RPC with a ``grpc.Status`` (anything with ``.code``,
+        ``.details`` and ``.trailing_metadata``, e.g. from grpcio-status's
+        ``rpc_status.to_status``) and raise AbortError."""
+        await self.abort(status.code, status.details, status.trailing_metadata)
+
+    def _abort_now(self, code: Any, details: str,
+                   trailing_metadata: Optional[Metadata]) -> None:
+        """abort() without the raise: send the status now (loop thread)."""
         if self._aborted:
             raise UsageError("abort() was already called")
         number = code_to_int(code)
@@ -103,7 +158,6 @@ class ServicerContext(_core.Call):
             raise TypeError(f"details must be str, not {type(details).__name__}")
         self._abort(number, code, details,
                     trailing_metadata if trailing_metadata else None)
-        raise AbortError("Locally aborted.")
 
     def set_code(self, code: Any) -> None:
         """Set the status code sent when the handler returns."""
@@ -176,3 +230,6 @@ class ServicerContext(_core.Call):
         """The auth properties of the call's transport, read from the core
         (e.g. ``{"transport_security_type": [b"insecure"]}``)."""
         return self._auth()[0]
+
+
+_make_metadatum = Metadatum._make

@@ -3,17 +3,17 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import functools
-import inspect
+import contextvars
 import logging
 import os
 from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
-from . import _core, _watchdog, executor
+from . import _compat, _core, _watchdog, executor
 from ._context import ServicerContext
 from ._compression import compression_number
 from ._credentials import ServerCredentials
 from ._handlers import HandlerCallDetails, method_paths
+from ._interceptors import build_chain, check_interceptors
 from ._status import StatusCode
 from ._streaming import driver_for
 
@@ -22,14 +22,6 @@ __all__ = ["Server", "server"]
 _LOGGER = logging.getLogger("asyncgrpc")
 
 ChannelOptions = Sequence[Tuple[str, Any]]
-
-
-def _is_async_handler(behavior: Any) -> bool:
-    # The same test grpc.aio applies: anything else runs on a thread.
-    return (inspect.iscoroutinefunction(behavior)
-            or inspect.isasyncgenfunction(behavior)
-            or inspect.isawaitable(behavior)
-            or inspect.iscoroutinefunction(getattr(behavior, "__call__", None)))
 
 
 def _kind(handler: Any) -> str:
@@ -43,7 +35,8 @@ class Server:
 
     Create it with :func:`asyncgrpc.server`. Handlers are coroutine
     functions ``async def Method(self, request, context)`` as with grpc.aio;
-    plain functions run on the migration thread pool.
+    plain functions run on the migration thread pool. With grpcio installed,
+    ``isinstance(server, grpc.aio.Server)`` is True.
     """
 
     def __init__(
@@ -59,9 +52,9 @@ class Server:
         thread_workers: Optional[int] = None,
         blocked_loop_threshold: Optional[float] = 0.1,
     ) -> None:
-        if interceptors:
-            raise NotImplementedError(
-                "asyncgrpc does not support server interceptors yet")
+        _compat.register_with_grpc(Server)
+        self._interceptors = check_interceptors(interceptors or ())
+        self._chain = build_chain(self._interceptors, self._find_for_interceptors)
         if maximum_concurrent_rpcs is not None and maximum_concurrent_rpcs < 1:
             raise ValueError("maximum_concurrent_rpcs must be None or >= 1")
         self._thread_pool = migration_thread_pool
@@ -77,9 +70,13 @@ class Server:
                                  compression_number(compression)))
         self._core = _core.Server(tuple(channel_args), maximum_concurrent_rpcs or 0)
         self._generic_handlers: list = []
-        # path -> handler, from add_registered_method_handlers and from the
-        # generic handlers whose table we can read (first one wins).
+        # path -> handler, from add_registered_method_handlers (these win,
+        # as with grpc.aio) and from the generic handlers whose table we can
+        # read, as long as no generic handler before them is opaque (it is
+        # asked first, per call).
         self._registered: Dict[str, Any] = {}
+        self._explicit: Dict[str, Any] = {}
+        self._opaque_generic = False
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._started = False
         self._stop_task: Optional[asyncio.Task] = None
@@ -99,7 +96,12 @@ class Server:
                 raise TypeError(f"{handler!r} is not a generic RPC handler "
                                 "(it has no service() method)")
             self._generic_handlers.append(handler)
-            for path, method_handler in method_paths(handler):
+            paths = method_paths(handler)
+            if not paths:
+                self._opaque_generic = True
+            if self._opaque_generic:
+                continue
+            for path, method_handler in paths:
                 self._registered.setdefault(path, method_handler)
 
     def add_registered_method_handlers(self, service_name: str,
@@ -107,7 +109,10 @@ class Server:
         """Register the methods of one service (method name -> handler)."""
         self._check_not_started()
         for method, handler in method_handlers.items():
-            self._registered.setdefault(f"/{service_name}/{method}", handler)
+            path = f"/{service_name}/{method}"
+            if path not in self._explicit:
+                self._explicit[path] = handler
+                self._registered[path] = handler
 
     def add_insecure_port(self, address: str) -> int:
         """Listen on ``address`` without TLS; returns the port (0 picks one)."""
@@ -122,8 +127,14 @@ class Server:
         """
         self._check_not_started()
         if not isinstance(server_credentials, ServerCredentials):
+            kind = type(server_credentials)
+            if kind.__module__.split(".")[0] == "grpc":
+                raise TypeError(
+                    f"add_secure_port() got grpcio's {kind.__name__}, which asyncgrpc "
+                    "cannot read: pass asyncgrpc.ssl_server_credentials(...) with the "
+                    "same arguments you gave grpc.ssl_server_credentials(...)")
             raise TypeError("add_secure_port() needs asyncgrpc.ssl_server_credentials(...), "
-                            f"not {type(server_credentials).__name__}")
+                            f"not {kind.__name__}")
         return self._core.add_http2_port(address, server_credentials._spec)
 
     def _check_not_started(self) -> None:
@@ -135,11 +146,8 @@ class Server:
         """Start serving on the running event loop."""
         self._check_not_started()
         loop = asyncio.get_running_loop()
-        for path, handler in self._registered.items():
-            self._core.register_method(
-                path, self._behavior(handler), handler.request_deserializer,
-                handler.response_serializer, handler.request_streaming,
-                handler.response_streaming)
+        for path, registration in self._registrations():
+            self._core.register_method(path, *registration)
         self._loop = loop
         self._terminated = asyncio.Event()
         self._core.start(loop, ServicerContext, self)
@@ -241,38 +249,134 @@ class Server:
             raise TypeError(f"{handler!r} has request_streaming="
                             f"{handler.request_streaming} and response_streaming="
                             f"{handler.response_streaming} but no {kind} behavior")
-        if kind != "unary_unary":
-            return driver_for(kind, behavior, self._thread_pool)
-        if _is_async_handler(behavior):
-            return behavior
-        pool = self._thread_pool
+        return driver_for(kind, behavior, self._thread_pool)
 
-        async def run_on_thread(request: Any, context: ServicerContext) -> Any:
-            loop = asyncio.get_running_loop()
-            return await loop.run_in_executor(
-                pool, functools.partial(behavior, request, context))
-        return run_on_thread
+    def _registrations(self) -> Iterable[Tuple[str, Tuple[Any, ...]]]:
+        """(path, register_method arguments) of the methods the C core
+        learns ahead of time.
+
+        Without interceptors: every known method with its handler. With
+        interceptors the final handler (and its serializers) is only known
+        once they ran, so unary-unary methods are registered raw (bytes in,
+        bytes out) with ``_intercepted_unary`` as behavior, and streaming
+        methods are left to the generic path (``_intercept``), which runs
+        the chain and then the handler with its own serializers.
+        """
+        for path, handler in self._registered.items():
+            if not self._interceptors:
+                yield path, (self._behavior(handler), handler.request_deserializer,
+                             handler.response_serializer, handler.request_streaming,
+                             handler.response_streaming)
+            elif not handler.request_streaming and not handler.response_streaming:
+                yield path, (self._intercepted_unary, None, None, False, False)
+
+    async def _intercepted_unary(self, payload: bytes, context: ServicerContext) -> Any:
+        """The behavior of a registered unary-unary method when there are
+        interceptors: run them, then the final handler, deserializing the
+        request and serializing the response with that handler's functions
+        (errors end the RPC with INTERNAL, as on the C path)."""
+        handler = await self._chain(
+            HandlerCallDetails(context._method, context.invocation_metadata()))
+        if handler is None:
+            context._finish(StatusCode.UNIMPLEMENTED.value[0], "Method not found!")
+            return None
+        if handler.request_streaming or handler.response_streaming:
+            raise TypeError(f"an interceptor returned a {_kind(handler)} handler for the "
+                            f"unary_unary method {context._method}; asyncgrpc needs a "
+                            "handler of the method's own kind")
+        deserializer = handler.request_deserializer
+        request = payload
+        if deserializer is not None:
+            try:
+                request = deserializer(payload)
+            except Exception as exc:
+                self._report("deserialize", context, exc)
+                context._finish(StatusCode.INTERNAL.value[0], "Exception deserializing request!")
+                return None
+        response = await self._behavior(handler)(request, context)
+        serializer = handler.response_serializer
+        if serializer is None or context._code or context._status_sent:
+            return response     # the core sends it as is, or drops it
+        try:
+            return serializer(response)
+        except Exception as exc:
+            self._report("serialize", context, exc)
+            context._finish(StatusCode.INTERNAL.value[0], "Failed to serialize response!")
+            return None
 
     def _find_handler(self, method: str, call: ServicerContext) -> Optional[Any]:
-        handler = self._registered.get(method)
+        handler = self._explicit.get(method)
         if handler is not None:
             return handler
         if not self._generic_handlers:
             return None
-        details = HandlerCallDetails(method, call.invocation_metadata())
+        return self._query_generic(HandlerCallDetails(method, call.invocation_metadata()))
+
+    def _query_generic(self, details: HandlerCallDetails) -> Optional[Any]:
+        """The first handler a generic handler returns for ``details``."""
         for generic in self._generic_handlers:
             handler = generic.service(details)
             if handler is not None:
                 return handler
         return None
 
+    def _find_for_interceptors(self, details: HandlerCallDetails) -> Optional[Any]:
+        """The continuation of the last interceptor: registered methods
+        first, then the generic handlers in order."""
+        handler = self._explicit.get(details.method)
+        if handler is not None:
+            return handler
+        return self._query_generic(details)
+
+    async def _intercept(self, call: ServicerContext) -> None:
+        """Run the interceptor chain for ``call``, then its final handler
+        (through the C core's generic path, with that handler's
+        serializers)."""
+        try:
+            start = contextvars.copy_context()
+            details = HandlerCallDetails(call._method, call.invocation_metadata())
+            handler = await self._chain(details)
+            if call.done():
+                return
+            if handler is None:
+                call._finish(StatusCode.UNIMPLEMENTED.value[0], "Method not found!")
+                return
+            behavior = self._behavior(handler)
+            if not handler.request_streaming:
+                # The core starts the handler's task only once the request
+                # has arrived, outside this task: if the interceptors set
+                # context variables, run the handler in their context, as
+                # grpc.aio does (it runs both in one task).
+                now = contextvars.copy_context()
+                if now != start:
+                    behavior = _in_context(behavior, now)
+        except asyncio.CancelledError:
+            if not call.done():
+                call._finish(StatusCode.CANCELLED.value[0], "Cancelled")
+            raise
+        except Exception as exc:
+            # As grpc.aio: an interceptor's exception is reported like a
+            # handler's.
+            asked = self._report("handler", call, exc)
+            call._finish(asked or StatusCode.UNKNOWN.value[0],
+                         f"Unexpected {type(exc)!r}: {exc}")
+            return
+        call._run(behavior, handler.request_deserializer, handler.response_serializer,
+                  handler.request_streaming, handler.response_streaming)
+
     def _dispatch_generic(self, call: ServicerContext) -> None:
         method = call._method
+        if self._interceptors:
+            task = self._loop.create_task(self._intercept(call), name=method)
+            # The chain is cancelled with the RPC, as its handler would be
+            # (the callback is task.cancel(msg=call): no closure per call).
+            call.add_done_callback(task.cancel)
+            return
         try:
             handler = self._find_handler(method, call)
         except Exception as exc:
             _LOGGER.exception("generic handler failed for %s", method)
-            call._finish(StatusCode.UNKNOWN.value[0], f"Exception in generic handler: {exc}")
+            call._finish(StatusCode.UNKNOWN.value[0], f"Unexpected {type(exc)!r}: {exc}")
             return
         if handler is None:
             call._finish(StatusCode.UNIMPLEMENTED.value[0], "Method not found!")
@@ -301,6 +405,14 @@ class Server:
         return None
 
 
+def _in_context(behavior: Any, context: contextvars.Context) -> Any:
+    """``behavior`` run in a task of its own in ``context``."""
+    async def run(request: Any, servicer_context: ServicerContext) -> Any:
+        return await asyncio.get_running_loop().create_task(
+            behavior(request, servicer_context), context=context)
+    return run
+
+
 def server(
     migration_thread_pool: Optional[concurrent.futures.Executor] = None,
     handlers: Optional[Sequence[Any]] = None,
@@ -319,7 +431,12 @@ def server(
         migration_thread_pool: executor for handlers that are plain functions
             (the loop's default executor if None).
         handlers: generic RPC handlers to add now.
-        interceptors: not supported yet (NotImplementedError if given).
+        interceptors: server interceptors (``asyncgrpc.ServerInterceptor`` or
+            ``grpc.aio.ServerInterceptor`` objects), given control in this
+            order before each RPC's handler, as with grpc.aio. If a library
+            has wrapped ``grpc.aio.server`` to add interceptors (OpenTelemetry's
+            ``GrpcAioInstrumentorServer().instrument()``), they are added here
+            too, the way that wrapper adds them.
         options: channel arguments, ``(key, int | str)`` pairs, passed to the
             gRPC core (e.g. ``("grpc.max_receive_message_length", 1 << 20)``).
         maximum_concurrent_rpcs: RPCs beyond this many in flight get
@@ -335,6 +452,9 @@ def server(
             turning before a warning names the running handler; None or 0
             turns the watchdog off.
     """
+    wrapped = _compat.interceptors_from_grpc_aio_wrappers(interceptors)
+    if wrapped is not None:
+        interceptors = wrapped
     return Server(migration_thread_pool, handlers, interceptors, options,
                   maximum_concurrent_rpcs, compression,
                   process_workers=process_workers, thread_workers=thread_workers,

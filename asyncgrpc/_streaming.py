@@ -1,7 +1,10 @@
-"""Streaming RPCs: the drivers that run each handler kind, and the request
-iterator. The messages travel through the C call (``_read``/``_write``), one
-batch per message; a write returns once the transport has taken the message,
-so a slow client slows the handler instead of growing memory."""
+"""The drivers that run each handler kind, and the request iterator.
+
+Streaming messages travel through the C call (``read``/``write``), one batch
+per message; a write returns once the transport has taken the message, so a
+slow client slows the handler instead of growing memory. Handlers that are
+plain functions or generators run on the migration thread pool with a
+synchronous context (``_sync``)."""
 from __future__ import annotations
 
 import asyncio
@@ -9,8 +12,18 @@ import inspect
 from typing import Any, Callable, Optional
 
 from ._context import EOF, ServicerContext
+from ._sync import BlockingRequestIterator, SyncServicerContext
 
-__all__ = ["RequestIterator", "driver_for"]
+__all__ = ["RequestIterator", "driver_for", "is_async_handler"]
+
+
+def is_async_handler(behavior: Any) -> bool:
+    """True if ``behavior`` runs on the event loop (the test grpc.aio
+    applies); anything else runs on the migration thread pool."""
+    return (inspect.iscoroutinefunction(behavior)
+            or inspect.isasyncgenfunction(behavior)
+            or inspect.isawaitable(behavior)
+            or inspect.iscoroutinefunction(getattr(behavior, "__call__", None)))
 
 
 class RequestIterator:
@@ -36,8 +49,10 @@ async def _write_all(responses: Any, context: ServicerContext,
     if hasattr(responses, "__aiter__"):
         async for response in responses:
             await context.write(response)
-    elif hasattr(responses, "__next__"):
+    elif hasattr(responses, "__iter__"):
         # A plain generator may block: pull each item on the thread pool.
+        if not hasattr(responses, "__next__"):
+            responses = iter(responses)
         loop = asyncio.get_running_loop()
         done = object()
         while True:
@@ -51,10 +66,37 @@ async def _write_all(responses: Any, context: ServicerContext,
                         f"{type(responses).__name__}")
 
 
+def _sync_driver(kind: str, behavior: Callable[..., Any],
+                 pool: Optional[Any]) -> Callable[..., Any]:
+    """The driver of a plain function or generator handler: it runs on
+    ``pool`` with a SyncServicerContext (and a blocking request iterator);
+    a returned iterator is pulled on ``pool`` too, one item at a time."""
+    request_streaming = kind.startswith("stream_")
+    response_streaming = kind.endswith("_stream")
+
+    async def run_on_thread(request: Any, context: ServicerContext) -> Any:
+        loop = asyncio.get_running_loop()
+        if request_streaming:
+            request = BlockingRequestIterator(context, loop)
+        result = await loop.run_in_executor(
+            pool, behavior, request, SyncServicerContext(context, loop))
+        if not response_streaming:
+            return result
+        await _write_all(result, context, pool)
+        return None
+    return run_on_thread
+
+
 def driver_for(kind: str, behavior: Callable[..., Any],
                pool: Optional[Any]) -> Callable[..., Any]:
     """A coroutine function ``(request_or_None, context)`` running one
-    handler of ``kind`` ("unary_stream", "stream_unary", "stream_stream")."""
+    handler of ``kind`` ("unary_unary", "unary_stream", "stream_unary",
+    "stream_stream"). A coroutine (or async generator) function runs on the
+    loop, unary_unary ones as they are; anything else on ``pool``."""
+    if not is_async_handler(behavior):
+        return _sync_driver(kind, behavior, pool)
+    if kind == "unary_unary":
+        return behavior
     if kind == "unary_stream":
         async def unary_stream(request: Any, context: ServicerContext) -> None:
             result = behavior(request, context)

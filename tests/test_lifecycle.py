@@ -238,7 +238,7 @@ def test_port_zero_and_port_in_use():
 
 
 def test_unsupported_arguments_are_clear():
-    with pytest.raises(NotImplementedError, match="interceptors"):
+    with pytest.raises(ValueError, match="Interceptor must be ServerInterceptor"):
         asyncgrpc.server(interceptors=[object()])
     with pytest.raises(ValueError, match="compression"):
         asyncgrpc.server(compression=object())

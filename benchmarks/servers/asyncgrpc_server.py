@@ -4,6 +4,8 @@ factory changed (asyncgrpc.server() instead of grpc.aio.server()).
 --loop picks the event loop.  --module names the module whose server() is
 used (default asyncgrpc); `--module grpc.aio` runs the very same code on
 grpc.aio, which is how this script is checked before asyncgrpc exists.
+--interceptors N installs N pass-through server interceptors (for
+benchmarks/interceptor_cost.py).
 """
 
 import argparse
@@ -32,8 +34,22 @@ class Echo(benchmark_pb2_grpc.EchoServicer):
             yield benchmark_pb2.EchoReply(payload=request.payload)
 
 
-async def serve(impl, port, label):
-    server = impl.server()
+def pass_through_class(impl):
+    """A server interceptor class (on impl.ServerInterceptor, which both
+    asyncgrpc and grpc.aio provide) that hands every call on unchanged."""
+
+    class PassThrough(impl.ServerInterceptor):
+        async def intercept_service(self, continuation, handler_call_details):
+            return await continuation(handler_call_details)
+    return PassThrough
+
+
+async def serve(impl, port, label, interceptors=0):
+    if interceptors:
+        cls = pass_through_class(impl)
+        server = impl.server(interceptors=[cls() for _ in range(interceptors)])
+    else:
+        server = impl.server()
     benchmark_pb2_grpc.add_EchoServicer_to_server(Echo(), server)
     server.add_insecure_port("127.0.0.1:%d" % port)
     await server.start()
@@ -48,10 +64,12 @@ def main():
                         default="asyncio")
     parser.add_argument("--module", default="asyncgrpc",
                         help="module providing server() (default asyncgrpc)")
+    parser.add_argument("--interceptors", type=int, default=0,
+                        help="number of pass-through interceptors (default 0)")
     args = parser.parse_args()
     impl = importlib.import_module(args.module)
-    label = "%s (%s loop)" % (args.module, args.loop)
-    coro = serve(impl, args.port, label)
+    label = "%s (%s loop, %d interceptors)" % (args.module, args.loop, args.interceptors)
+    coro = serve(impl, args.port, label, args.interceptors)
     if args.loop == "uvloop":
         import uvloop
         uvloop.run(coro)

@@ -1,0 +1,94 @@
+"""What one pass-through server interceptor costs per RPC.
+
+Runs the Echo benchmark server (benchmarks/servers/asyncgrpc_server.py)
+alternately without and with ``--interceptors 1`` (an interceptor whose
+``intercept_service`` just awaits the continuation), each run on a fresh
+server pinned to one CPU and driven by the C load generator pinned to the
+other, and reports the median throughput and server CPU time per RPC of
+each and their difference. Server CPU microseconds per RPC is the figure to
+read: it does not depend on whether the load generator saturates the server
+(throughput does, and on what else runs on the machine; "server busy" shows
+how much of its CPU the server used).
+
+    python benchmarks/interceptor_cost.py [--runs 3] [--duration 4] [--scenario unary_10x10]
+    python benchmarks/interceptor_cost.py --module grpc.aio     # the same on grpc.aio
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+from typing import Any, Dict, List
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import run  # noqa: E402  (benchmarks/run.py: build, start, measure)
+
+
+class EchoPeer(run.AsyncgrpcPeer):
+    """The asyncgrpc Echo server (or grpc.aio's with --module grpc.aio),
+    with a number of pass-through interceptors."""
+
+    def __init__(self, module: str, interceptors: int) -> None:
+        super().__init__()
+        self.name = f"{module}_{interceptors}icpt"
+        self.label = self.name
+        self.extra_args = ("--loop", "asyncio", "--module", module,
+                           "--interceptors", str(interceptors))
+        if module != "asyncgrpc":
+            self.needs = (module,)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=3,
+                        help="runs of each variant, alternating (default 3)")
+    parser.add_argument("--duration", type=float, default=4.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--scenario", default="unary_10x10",
+                        choices=sorted(run.SCENARIO_BY_NAME))
+    parser.add_argument("--module", default="asyncgrpc",
+                        help="module providing server() (asyncgrpc or grpc.aio)")
+    args = parser.parse_args()
+
+    out = tempfile.mkdtemp(prefix="interceptor_cost_")
+    ctx = run.Context(argparse.Namespace(
+        python=sys.executable, duration=args.duration, warmup=args.warmup, out=out,
+        server_cpus="0", client_cpus="1", no_pin=False))
+    os.makedirs(ctx.log_dir, exist_ok=True)
+    run.build_loadgen()
+    scenario = run.SCENARIO_BY_NAME[args.scenario]
+    peers = {n: EchoPeer(args.module, n) for n in (0, 1)}
+    for peer in peers.values():
+        peer.prepare(ctx)
+    results: Dict[int, List[Dict[str, Any]]] = {0: [], 1: []}
+    try:
+        for i in range(args.runs):
+            for n, peer in peers.items():
+                results[n].append(run.measure(ctx, peer, scenario, f"{peer.name}_{i}", 1))
+    finally:
+        ctx.stop_all()
+
+    def med(n: int, key: str) -> float:
+        return statistics.median(r[key] for r in results[n])
+
+    print(f"{args.module}, scenario {args.scenario}, median of {args.runs} x "
+          f"{args.duration:g} s, server on CPU 0, loadgen on CPU 1")
+    for n in (0, 1):
+        runs = ", ".join("%.1f" % r["server_cpu_us_per_op"] for r in results[n])
+        print(f"  {n} interceptor{'s' if n != 1 else ''}: {med(n, 'throughput'):10,.0f} req/s "
+              f"(server busy {100 * med(n, 'server_cpu_util'):.0f}%), "
+              f"server CPU {med(n, 'server_cpu_us_per_op'):6.1f} us/RPC (runs: {runs})")
+    cost = med(1, "server_cpu_us_per_op") - med(0, "server_cpu_us_per_op")
+    slower = 100 * (1 - med(1, "throughput") / med(0, "throughput"))
+    print(f"  one pass-through interceptor: +{cost:.1f} us of server CPU per RPC, "
+          f"throughput {slower:.0f}% lower")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
