@@ -248,7 +248,7 @@ def test_failed_start_releases_the_port_and_stop_works():
 
 def test_live_servers_not_negative_after_eventfd_failure():
     proc = run_script("""
-        import os, resource, asyncgrpc
+        import gc, os, resource, asyncgrpc
         base = asyncgrpc.stats()["live_servers"]
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (64, hard))
@@ -271,6 +271,7 @@ def test_live_servers_not_negative_after_eventfd_failure():
         s = asyncgrpc.server(blocked_loop_threshold=None)
         assert asyncgrpc.stats()["live_servers"] == base + 1
         del s
+        gc.collect()
         assert asyncgrpc.stats()["live_servers"] == base
         print("ok")
     """)
