@@ -142,6 +142,16 @@ bridge_poll(Bridge *b)
 {
     grpc_event ev = grpc_completion_queue_next(
         b->cq, gpr_inf_past(GPR_CLOCK_MONOTONIC), NULL);
+    if (ev.type == GRPC_QUEUE_TIMEOUT) {
+        /* A batch completed on this thread kicks the pollset while nobody
+         * polls it; the next poll then only consumes that kick and returns
+         * empty without reading the sockets (epoll1: kicked_without_poller).
+         * A server streaming without pause would then never read its
+         * sockets (cancels, other clients, pings starve). Poll once more:
+         * this one looks at the sockets. */
+        ev = grpc_completion_queue_next(b->cq, gpr_inf_past(GPR_CLOCK_MONOTONIC),
+                                        NULL);
+    }
     if (ev.type == GRPC_OP_COMPLETE) {
         b->counters->events_inline++;
     }

@@ -2,9 +2,9 @@
 handlers that fail at every point of every stream kind, and stop(grace)
 under load. After each storm the server must still serve, count no active
 call, and every handler it entered must have exited. Two more tests pin
-defects found this way (xfail): a server stream that writes without pausing
-starves the server's sockets, and calls beyond the requests posted for a
-method get each other's metadata.
+defects found this way (fixed since): a server stream that wrote without
+pausing starved the server's sockets, and calls beyond the requests posted
+for a method got each other's metadata.
 
 Sizes scale down under AddressSanitizer (detected from LD_PRELOAD);
 ASYNCGRPC_CHAOS_CANCELS and ASYNCGRPC_CHAOS_STOP_ROUNDS override them.
@@ -257,17 +257,12 @@ def test_mid_stream_cancels(server_thread: ServerThread) -> None:
     assert sum(snap["entered"].values()) > total // 4, snap   # the storm reached handlers
 
 
-def test_fast_writer_does_not_starve_the_server(server_thread: ServerThread,
-                                                request: Any) -> None:
+def test_fast_writer_does_not_starve_the_server(server_thread: ServerThread) -> None:
     """A server stream writing small messages as fast as the transport takes
     them must not stop the server from reading its sockets: the client's
     cancel reaches the handler, and a client on another connection is
     served, within 0.5 s. Up to 10 rounds (a round passes when the writer
     happens to be stopped by the transport early)."""
-    request.applymarker(pytest.mark.xfail(strict=True, reason=(
-        "DEFECT: a handler that writes small messages without pausing keeps the "
-        "completion queue non-empty; the loop's drain never lets the core poll "
-        "the sockets, so cancels and other connections' RPCs wait seconds")))
     tally = Tally()
     written = [0]
 
@@ -305,14 +300,6 @@ def test_fast_writer_does_not_starve_the_server(server_thread: ServerThread,
 
 # More calls in flight than requests posted for the method.
 
-@pytest.mark.skipif(ASAN, reason="the defect below corrupts memory: under ASan it "
-                                  "aborts the whole run")
-@pytest.mark.xfail(strict=True, reason=(
-    "DEFECT: server.c:on_request re-posts the request slot (post_request) before "
-    "call_new() takes slot->metadata; when the re-post matches a call already "
-    "waiting in the core, the core swaps that call's metadata into the slot, so "
-    "RPCs get each other's (or no) invocation metadata, and the arrays end up "
-    "freed by the wrong call (heap corruption, seen as SIGSEGV/double free)"))
 def test_calls_beyond_the_posted_requests_see_their_own_metadata(
         server_thread: ServerThread) -> None:
     """More concurrent calls of one method than requests posted for it
