@@ -101,6 +101,7 @@ typedef struct {
     int queue_shutdown_seen;
     /* loop thread only */
     int pending_empty;           /* the last drain pass ended on an empty poll */
+    unsigned empty_polls;        /* empty non-blocking polls (see bridge_poll) */
     Counters *counters;          /* module-wide, poller writes under mu */
 } Bridge;
 
