@@ -254,9 +254,7 @@ report(CallObject *self, const char *kind, PyObject *exc)
 {
     ModuleState *st = self->server->state;
     PyObject *hooks = self->server->hooks;
-    if (exc != NULL &&
-        (PyErr_GivenExceptionMatches(exc, PyExc_KeyboardInterrupt) ||
-         PyErr_GivenExceptionMatches(exc, PyExc_SystemExit))) {
+    if (is_fatal_exception(exc)) {
         /* Not an error of the RPC, nothing to log. From code the drain or
          * a done callback runs, it must reach the loop; from the handler's
          * task ("handler") or from read()/write() (which raise it in the
@@ -451,14 +449,7 @@ on_recv_close(Tag *tag, int ok)
         PyObject *r = PyObject_CallMethodNoArgs((PyObject *)self,
                                                 st->str_run_done_callbacks);
         if (r == NULL) {
-            PyObject *exc = take_exception();
-            if (server_defer_fatal(self->server, exc)) {
-                Py_DECREF(exc);
-            }
-            else {
-                PyErr_SetRaisedException_compat(exc);
-                PyErr_WriteUnraisable((PyObject *)self);
-            }
+            server_write_unraisable(self->server, (PyObject *)self);
         }
         Py_XDECREF(r);
     }

@@ -360,14 +360,7 @@ dispatch_generic(ServerObject *self, CallObject *call)
     PyObject *r = PyObject_CallMethodOneArg(
         self->hooks, self->state->str_dispatch_generic, (PyObject *)call);
     if (r == NULL) {
-        PyObject *exc = take_exception();
-        if (server_defer_fatal(self, exc)) {
-            Py_DECREF(exc);
-        }
-        else {
-            PyErr_SetRaisedException_compat(exc);
-            PyErr_WriteUnraisable(self->hooks);
-        }
+        server_write_unraisable(self, self->hooks);
         call_finish_status(call, GRPC_STATUS_UNKNOWN,
                            "Error while dispatching the call");
         return;
@@ -477,15 +470,25 @@ on_request(Tag *tag, int ok)
 int
 server_defer_fatal(ServerObject *self, PyObject *exc)
 {
-    if (exc == NULL ||
-        !(PyErr_GivenExceptionMatches(exc, PyExc_KeyboardInterrupt) ||
-          PyErr_GivenExceptionMatches(exc, PyExc_SystemExit))) {
+    if (!is_fatal_exception(exc)) {
         return 0;
     }
     if (self->deferred_fatal == NULL) {
         self->deferred_fatal = Py_NewRef(exc);
     }
     return 1;
+}
+
+void
+server_write_unraisable(ServerObject *self, PyObject *obj)
+{
+    PyObject *exc = take_exception();
+    if (server_defer_fatal(self, exc)) {
+        Py_DECREF(exc);
+        return;
+    }
+    PyErr_SetRaisedException_compat(exc);
+    PyErr_WriteUnraisable(obj);
 }
 
 int
@@ -506,14 +509,7 @@ dispatch_event(ServerObject *self, grpc_event ev)
     Tag *tag = (Tag *)ev.tag;
     tag->complete(tag, ev.success);
     if (PyErr_Occurred()) {     /* handlers report their own errors */
-        PyObject *exc = take_exception();
-        if (!server_defer_fatal(self, exc)) {
-            PyErr_SetRaisedException_compat(exc);
-            PyErr_WriteUnraisable(NULL);
-        }
-        else {
-            Py_DECREF(exc);
-        }
+        server_write_unraisable(self, NULL);
     }
 }
 

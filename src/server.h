@@ -30,6 +30,9 @@ server_inert(const ServerObject *self)
  * task code. Returns 1 if `exc` is such an exception (then kept: the first
  * one wins), 0 otherwise. Does not consume `exc`. */
 int server_defer_fatal(ServerObject *self, PyObject *exc);
+/* An exception is set: keep it as above if it is KeyboardInterrupt or
+ * SystemExit, else PyErr_WriteUnraisable(obj). Clears the indicator. */
+void server_write_unraisable(ServerObject *self, PyObject *obj);
 /* Raise the kept exception, if any: returns -1 with it set, or 0. */
 int server_raise_deferred(ServerObject *self);
 

@@ -49,6 +49,15 @@ take_exception(void)
 #endif
 }
 
+/* KeyboardInterrupt or SystemExit: what asyncio lets through task code. */
+static inline int
+is_fatal_exception(PyObject *exc)
+{
+    return exc != NULL &&
+           (PyErr_GivenExceptionMatches(exc, PyExc_KeyboardInterrupt) ||
+            PyErr_GivenExceptionMatches(exc, PyExc_SystemExit));
+}
+
 /* An int from a Python int, or -1 with an exception (check PyErr_Occurred). */
 static inline int
 as_int(PyObject *obj)
