@@ -22,14 +22,15 @@ exactly to the grpcio client, and the RPC must end with the status the handler c
 defines for that failure). A violated invariant raises ``Violation``; atheris reports it as a
 crash with the input. A native crash (abort, ASan report) ends the process.
 
-Inputs that would hit a defect already reported (``KNOWN_DEFECTS``) are skipped unless
-``ASYNCGRPC_FUZZ_SKIP_KNOWN=0``; that lets a long run look for new defects.
+Inputs that would hit a defect already reported (``KNOWN_DEFECTS``) are skipped (and
+counted), so that a long run looks for new defects. ``ASYNCGRPC_FUZZ_SKIP_KNOWN=0`` skips
+none of them, ``=D1,D3`` only those listed.
 
 Run: ``.venv/bin/python fuzz/fuzz_core.py -atheris_runs=10000`` (see fuzz/README.md).
 Environment: ``ASYNCGRPC_FUZZ_LOOP=uvloop`` serves on uvloop; ``ASYNCGRPC_FUZZ_STATS=FILE``
 writes per-surface counters as JSON to FILE every 5,000 inputs and at the end;
 ``ASYNCGRPC_FUZZ_RPC_TIMEOUT`` (seconds, default 20) is how long an RPC may take before it
-counts as hung.
+counts as hung; ``ASYNCGRPC_FUZZ_TRACE=1`` prints what each input does before doing it.
 """
 from __future__ import annotations
 
@@ -46,8 +47,9 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-# The fuzzer provokes many errors on purpose; keep the C cores quiet.
-os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+# The C cores log the errors the fuzzer provokes on purpose at ERROR; their assertion
+# messages (the reason for an abort) are logged at that level too, so keep it.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 
 def _reexec_with_libstdcxx() -> None:
@@ -74,9 +76,16 @@ with atheris.instrument_imports(include=["asyncgrpc"]):
 
 import grpc  # noqa: E402
 
-SKIP_KNOWN = os.environ.get("ASYNCGRPC_FUZZ_SKIP_KNOWN", "1") != "0"
+_SKIP = os.environ.get("ASYNCGRPC_FUZZ_SKIP_KNOWN", "1")
 STATS_FILE = os.environ.get("ASYNCGRPC_FUZZ_STATS")
 LOOP_KIND = os.environ.get("ASYNCGRPC_FUZZ_LOOP", "asyncio")
+TRACE = os.environ.get("ASYNCGRPC_FUZZ_TRACE") == "1"
+
+
+def trace(*parts: Any) -> None:
+    """With ASYNCGRPC_FUZZ_TRACE=1, print what the input is about to do (crash triage)."""
+    if TRACE:
+        print("fuzz_core trace:", *(_short(p, 2000) for p in parts), file=sys.stderr, flush=True)
 
 # Inputs shorter than this are stretched (SHAKE-256) to STRETCH_TO bytes, so that even the
 # tiny inputs libFuzzer starts from drive whole plans. This matters most under ASan: gcc's
@@ -103,6 +112,15 @@ KNOWN_DEFECTS = {
           "(binary keys need 5+ chars): the core refuses the batch and the RPC never gets a "
           "status (the client hangs until its deadline)",
 }
+
+SKIP_KNOWN = (set(KNOWN_DEFECTS) if _SKIP == "1" else set() if _SKIP == "0"
+              else set(_SKIP.split(",")))
+
+
+def skips(defect: str) -> bool:
+    """Are inputs reaching this known defect skipped in this run?"""
+    return defect in SKIP_KNOWN
+
 
 logging.getLogger("asyncgrpc").setLevel(logging.CRITICAL + 1)
 logging.getLogger("asyncio").setLevel(logging.CRITICAL + 1)
@@ -314,12 +332,10 @@ def utf8_or_none(text: Any) -> Optional[str]:
 
 def known_metadata_defect(pairs: Optional[List[Tuple[str, Any]]]) -> None:
     """Skip the input if valid server-sent metadata would reach defect D1 or D4."""
-    if not SKIP_KNOWN or not pairs:
-        return
-    for key, _ in pairs:
-        if key == "grpc-timeout":
+    for key, _ in pairs or ():
+        if key == "grpc-timeout" and skips("D1"):
             raise SkipInput("D1")
-        if key == "-bin":
+        if key == "-bin" and skips("D4"):
             raise SkipInput("D4")
 
 
@@ -851,7 +867,7 @@ class Fuzzer:
         if not STATS_FILE:
             return
         data = dict(self.stats, seconds=round(time.monotonic() - self.started, 1),
-                    loop=LOOP_KIND, skip_known=SKIP_KNOWN)
+                    loop=LOOP_KIND, skip_known=sorted(SKIP_KNOWN))
         tmp = STATS_FILE + ".tmp"
         with open(tmp, "w") as f:
             json.dump(data, f, indent=1, sort_keys=True)
@@ -911,9 +927,12 @@ class Fuzzer:
         else:
             plan.reply = Token(plan.id, 0)
             plan.ser_outputs = [reply]
+        trace("unary", path, client_md, payload[:64], plan.ops, plan.final, plan.deser_modes,
+              plan.ser_outputs or plan.reply)
         expect = self.expect_unary(plan, payload, raw)
         self.server.plan = plan
         metadata = [("fz-id", str(plan.id))] + client_md
+        began = time.monotonic()
         try:
             response, call = self.stubs[path].with_call(payload, timeout=RPC_TIMEOUT,
                                                         metadata=metadata)
@@ -923,6 +942,8 @@ class Fuzzer:
             outcome = (err.code(), err.details(), None, err.initial_metadata(),
                        err.trailing_metadata())
         plan.wait_handler()
+        check(time.monotonic() - began < 0.9 * RPC_TIMEOUT, "the RPC hung until the client's "
+              "deadline", outcome[:2], plan.ops, plan.final, plan.obs)
         self.check_unary(plan, expect, outcome, client_md, payload)
 
     def expect_unary(self, plan: Plan, payload: bytes, raw: bool) -> Dict[str, Any]:
@@ -1059,7 +1080,7 @@ class Fuzzer:
                 if kind == "trail":
                     if isinstance(arg, OneShot):
                         as_given = tuple(arg.items)
-                        if SKIP_KNOWN and got[2] == () and as_given:
+                        if skips("D3") and got[2] == () and as_given:
                             as_given = ()   # known defect D3
                     else:
                         as_given = () if arg is None else tuple(arg)
@@ -1109,11 +1130,12 @@ class Fuzzer:
         if init_exp is None or all(is_plain_key(k) for k, _ in init_exp):
             got_init = [tuple(p) for p in initial or ()]
             check(got_init == (init_exp or []), "initial metadata round trip", got_init,
-                  init_exp)
+                  init_exp, code, details, *ctx)
         trail_exp = exp["trailing"]
         if all(is_plain_key(k) for k, _ in trail_exp):
             got_trail = [tuple(p) for p in trailing or ()]
-            check(got_trail == trail_exp, "trailing metadata round trip", got_trail, trail_exp)
+            check(got_trail == trail_exp, "trailing metadata round trip", got_trail, trail_exp,
+                  code, details, *ctx)
 
     # -- streaming ---------------------------------------------------------
     def fuzz_server_stream(self, fdp: atheris.FuzzedDataProvider) -> None:
@@ -1122,6 +1144,7 @@ class Fuzzer:
         path = "/fz.Generic/ServerStream" if fdp.ConsumeIntInRange(0, 3) == 0 \
             else "/fz.Fuzz/ServerStream"
         plan.ser_outputs = [gen_reply_object(fdp) for _ in range(fdp.ConsumeIntInRange(0, 5))]
+        trace("server_stream", path, plan.style, plan.ser_outputs)
         bodies = [model_payload(o) for o in plan.ser_outputs]
         first_bad = next((i for i, b in enumerate(bodies) if b is None), None)
         good = bodies if first_bad is None else bodies[:first_bad]
@@ -1162,6 +1185,7 @@ class Fuzzer:
         payloads = [gen_payload(fdp) for _ in range(n)]
         plan.deser_modes = [fdp.PickValueInList(DESER_MODES) if fdp.ConsumeIntInRange(0, 3) == 0
                             else "identity" for _ in range(n)]
+        trace("client_stream", path, plan.style, plan.deser_modes, [p[:32] for p in payloads])
         expected: List[Any] = []
         bad: Optional[int] = None
         for i, (mode, p) in enumerate(zip(plan.deser_modes, payloads)):
@@ -1200,6 +1224,7 @@ class Fuzzer:
         payloads = [gen_payload(fdp) for _ in range(n)]
         plan.deser_modes = ["identity"] * n
         plan.ser_outputs = [ECHO] * n
+        trace("bidi", [p[:32] for p in payloads])
         self.server.plan = plan
         got: List[bytes] = []
         code = grpc.StatusCode.OK
@@ -1222,7 +1247,8 @@ class Fuzzer:
             mcr = fdp.PickValueInList([1, 2, 1000, 2 ** 31, True, 0, -1, 2 ** 63, 1.5, "3"])
             mcr_ok = mcr is True or (type(mcr) is int and 1 <= mcr < 2 ** 63)
         live = valid and mcr_ok and fdp.ConsumeIntInRange(0, 15) == 0
-        if live and SKIP_KNOWN and reaches_d2(options):
+        trace("options", options, mcr, "live" if live else "not live")
+        if live and skips("D2") and reaches_d2(options):
             raise SkipInput("D2")
         try:
             server = asyncgrpc.server(options=options, maximum_concurrent_rpcs=mcr,
@@ -1410,6 +1436,9 @@ def TestOneInput(data: bytes) -> None:  # noqa: N802 (atheris' name)
     global FUZZER
     if FUZZER is None:
         FUZZER = Fuzzer()
+        print(f"fuzz_core: serving {asyncgrpc.__file__} on {LOOP_KIND} at {FUZZER.target}; "
+              f"skipping known defects {sorted(SKIP_KNOWN) or 'none'}", file=sys.stderr,
+              flush=True)
     try:
         FUZZER.one_input(data)
     except BaseException:
