@@ -28,9 +28,9 @@ none of them, ``=D1,D3`` only those listed.
 
 Run: ``.venv/bin/python fuzz/fuzz_core.py -atheris_runs=10000`` (see fuzz/README.md).
 Environment: ``ASYNCGRPC_FUZZ_LOOP=uvloop`` serves on uvloop; ``ASYNCGRPC_FUZZ_STATS=FILE``
-writes per-surface counters as JSON to FILE every 5,000 inputs and at the end;
-``ASYNCGRPC_FUZZ_RPC_TIMEOUT`` (seconds, default 20) is how long an RPC may take before it
-counts as hung; ``ASYNCGRPC_FUZZ_TRACE=1`` prints what each input does before doing it.
+writes per-surface counters and the resident memory as JSON to FILE every 5,000 inputs and
+at the end; ``ASYNCGRPC_FUZZ_RPC_TIMEOUT`` (seconds, default 20) is how long an RPC may take
+before it counts as hung; ``ASYNCGRPC_FUZZ_TRACE=1`` prints what each input does first.
 """
 from __future__ import annotations
 
@@ -610,6 +610,15 @@ def apply_deser(mode: str, payload: bytes) -> Any:
     raise FuzzBaseError("deserializer")
 
 
+def rss_mb() -> int:
+    """This process' resident memory in MiB (to watch for leaks over a long run)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") // (1 << 20)
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
 # ---------------------------------------------------------------- the server side
 
 class Token:
@@ -850,6 +859,7 @@ class Fuzzer:
                     f"/{service}/{method}")
         self.next_id = 0
         self.stats: Dict[str, int] = {"inputs": 0}
+        self.rss_history: List[Tuple[int, int]] = []
         self.started = time.monotonic()
         self.surfaces = [
             ("unary", self.fuzz_unary, 8),
@@ -866,8 +876,11 @@ class Fuzzer:
     def write_stats(self) -> None:
         if not STATS_FILE:
             return
+        rss = rss_mb()
+        self.rss_history.append((self.stats["inputs"], rss))
         data = dict(self.stats, seconds=round(time.monotonic() - self.started, 1),
-                    loop=LOOP_KIND, skip_known=sorted(SKIP_KNOWN))
+                    loop=LOOP_KIND, skip_known=sorted(SKIP_KNOWN), rss_mb=rss,
+                    rss_history=self.rss_history)
         tmp = STATS_FILE + ".tmp"
         with open(tmp, "w") as f:
             json.dump(data, f, indent=1, sort_keys=True)
