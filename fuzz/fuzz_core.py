@@ -40,6 +40,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import time
@@ -111,6 +112,9 @@ KNOWN_DEFECTS = {
     "D4": "the key '-bin' counts as binary for asyncgrpc (any bytes pass) but not for the core "
           "(binary keys need 5+ chars): the core refuses the batch and the RPC never gets a "
           "status (the client hangs until its deadline)",
+    "D5": "initial metadata with the reserved key 'grpc-status' and a negative number goes "
+          "out on the wire; the client fails the RPC with INTERNAL (Error parsing "
+          "'grpc-status' metadata) whatever the handler answers",
 }
 
 SKIP_KNOWN = (set(KNOWN_DEFECTS) if _SKIP == "1" else set() if _SKIP == "0"
@@ -330,13 +334,16 @@ def utf8_or_none(text: Any) -> Optional[str]:
     return str(text)
 
 
-def known_metadata_defect(pairs: Optional[List[Tuple[str, Any]]]) -> None:
-    """Skip the input if valid server-sent metadata would reach defect D1 or D4."""
-    for key, _ in pairs or ():
+def known_metadata_defect(pairs: Optional[List[Tuple[str, Any]]], initial: bool) -> None:
+    """Skip the input if valid server-sent metadata would reach defect D1, D4 or D5."""
+    for key, value in pairs or ():
         if key == "grpc-timeout" and skips("D1"):
             raise SkipInput("D1")
         if key == "-bin" and skips("D4"):
             raise SkipInput("D4")
+        if (initial and key == "grpc-status" and skips("D5")
+                and re.fullmatch(r"-0*[1-9][0-9]*", value)):
+            raise SkipInput("D5")
 
 
 # ---------------------------------------------------------------- generators
@@ -981,7 +988,7 @@ class Fuzzer:
                 if kind == "init" and init_sent is not None:
                     err, pairs = asyncgrpc.UsageError, None
                 if err is None:
-                    known_metadata_defect(pairs)
+                    known_metadata_defect(pairs, initial=kind == "init")
                     assert pairs is not None
                     if kind == "init":
                         init_sent = pairs
@@ -1010,7 +1017,7 @@ class Fuzzer:
                     exp["abort"] = err
                 else:
                     if pairs is not None:
-                        known_metadata_defect(pairs)
+                        known_metadata_defect(pairs, initial=False)
                         trailing = pairs
                     exp["abort"] = None
                     c = grpc_code(acode)

@@ -141,3 +141,24 @@ def test_bare_bin_key_with_binary_value_never_leaves_the_rpc_without_status(
     # never an RPC left without a status until the client's deadline.
     assert outcomes == {"trailing": (grpc.StatusCode.OK, b"trailing"),
                         "initial": (grpc.StatusCode.OK, b"initial")}
+
+
+@pytest.mark.xfail(strict=True, reason="DEFECT D5: send_initial_metadata() passes the reserved "
+                   "key 'grpc-status' through; core 1.51 sends a negative value on the wire and "
+                   "the client fails the RPC with INTERNAL whatever the handler answers")
+def test_negative_grpc_status_in_initial_metadata_does_not_break_the_rpc(server_thread,
+                                                                         recorder):
+    async def handler(request, context):
+        try:
+            await context.send_initial_metadata((("grpc-status", "-1"),))
+        except (TypeError, ValueError) as exc:     # refusing the reserved key is fine too
+            recorder.add(exc)
+        return b"answered"
+    target = serve(server_thread, handler)
+    with grpc.insecure_channel(target) as channel:
+        try:
+            outcome = (grpc.StatusCode.OK, channel.unary_unary("/fuzz.Defects/Call")(
+                b"", timeout=10))
+        except grpc.RpcError as err:
+            outcome = (err.code(), err.details())
+    assert outcome == (grpc.StatusCode.OK, b"answered")
