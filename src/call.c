@@ -1053,7 +1053,7 @@ call_py_set_compression(CallObject *self, PyObject *name)
     if (pairs == NULL) {
         return NULL;
     }
-    int rc = metadata_from_object(pairs, &self->compression_md);
+    int rc = metadata_from_trusted(pairs, &self->compression_md);
     Py_DECREF(pairs);
     if (rc < 0) {
         return NULL;
@@ -1096,15 +1096,24 @@ call_py_set_code(CallObject *self, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 call_py_set_trailing_metadata(CallObject *self, PyObject *metadata)
 {
-    SendMetadata md;
-    if (metadata_from_object(metadata, &md) < 0) {
+    /* Validate (and read back) one tuple: an iterator is consumed once. */
+    PyObject *as_tuple;
+    if (metadata == Py_None) {
+        as_tuple = Py_NewRef(self->server->state->empty_tuple);
+    }
+    else if (PyUnicode_Check(metadata) || PyBytes_Check(metadata)) {
+        as_tuple = Py_NewRef(metadata);   /* metadata_from_object refuses it */
+    }
+    else if ((as_tuple = PySequence_Tuple(metadata)) == NULL) {
+        if (PyErr_ExceptionMatches(PyExc_TypeError)) {
+            PyErr_SetString(PyExc_TypeError,
+                            "metadata must be a sequence of (key, value) pairs");
+        }
         return NULL;
     }
-    PyObject *as_tuple = (metadata == Py_None)
-        ? Py_NewRef(self->server->state->empty_tuple)
-        : PySequence_Tuple(metadata);
-    if (as_tuple == NULL) {
-        metadata_clear(&md);
+    SendMetadata md;
+    if (metadata_from_object(as_tuple, &md) < 0) {
+        Py_DECREF(as_tuple);
         return NULL;
     }
     if (self->status_sent) {

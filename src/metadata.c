@@ -7,10 +7,12 @@
 #include <string.h>
 #include <grpc/slice.h>
 
+/* As the core decides it: a "-bin" suffix after at least one character
+ * ("-bin" alone is a text key there, so it must be one here too). */
 static int
 is_binary_key(const char *key, Py_ssize_t len)
 {
-    return len >= 4 && memcmp(key + len - 4, "-bin", 4) == 0;
+    return len > 4 && memcmp(key + len - 4, "-bin", 4) == 0;
 }
 
 PyObject *
@@ -54,9 +56,36 @@ metadata_clear(SendMetadata *md)
     md->count = 0;
 }
 
-/* Fill item from one (key, value) pair; -1 with an exception on bad input. */
+/* The protocol's own keys, which the core parses and acts on: from a
+ * handler they are refused (a grpc-timeout in sent metadata aborts the
+ * process in core 1.51; a grpc-status in the headers breaks the RPC for the
+ * client). Other "grpc-" keys that applications set, such as
+ * grpc-status-details-bin (rich error details), stay allowed. */
+static const char *const RESERVED_KEYS[] = {
+    "grpc-status", "grpc-message", "grpc-timeout", "grpc-encoding",
+    "grpc-accept-encoding", "grpc-internal-encoding-request",
+    "grpc-internal-stream-encoding-request", "grpc-previous-rpc-attempts",
+    "grpc-retry-pushback-ms", NULL,
+};
+
 static int
-convert_pair(PyObject *pair, grpc_metadata *item)
+is_reserved_key(const char *key, Py_ssize_t len)
+{
+    if (len < 5 || memcmp(key, "grpc-", 5) != 0) {
+        return 0;
+    }
+    for (const char *const *r = RESERVED_KEYS; *r != NULL; r++) {
+        if ((size_t)len == strlen(*r) && memcmp(key, *r, (size_t)len) == 0) {
+            return 1;
+        }
+    }
+    return 0;
+}
+
+/* Fill item from one (key, value) pair; -1 with an exception on bad input
+ * (reserved keys too, unless `allow_reserved`). */
+static int
+convert_pair(PyObject *pair, grpc_metadata *item, int allow_reserved)
 {
     if (PySequence_Fast_GET_SIZE(pair) != 2) {
         PyErr_SetString(PyExc_TypeError,
@@ -80,6 +109,12 @@ convert_pair(PyObject *pair, grpc_metadata *item)
     else {
         PyErr_Format(PyExc_TypeError, "metadata key must be str, not %.100s",
                      Py_TYPE(key)->tp_name);
+        return -1;
+    }
+    if (!allow_reserved && is_reserved_key(k, klen)) {
+        PyErr_Format(PyExc_ValueError,
+                     "metadata key %R is reserved: the gRPC protocol sets it",
+                     key);
         return -1;
     }
     grpc_slice kslice = grpc_slice_from_copied_buffer(k, (size_t)klen);
@@ -153,8 +188,8 @@ convert_pair(PyObject *pair, grpc_metadata *item)
     return 0;
 }
 
-int
-metadata_from_object(PyObject *pairs, SendMetadata *out)
+static int
+from_object(PyObject *pairs, SendMetadata *out, int allow_reserved)
 {
     out->items = NULL;
     out->count = 0;
@@ -192,7 +227,8 @@ metadata_from_object(PyObject *pairs, SendMetadata *out)
         else {
             pair = PySequence_Fast(item, "metadata must be (key, value) pairs");
         }
-        if (pair == NULL || convert_pair(pair, &out->items[i]) < 0) {
+        if (pair == NULL ||
+            convert_pair(pair, &out->items[i], allow_reserved) < 0) {
             Py_XDECREF(pair);
             Py_DECREF(seq);
             metadata_clear(out);
@@ -203,6 +239,18 @@ metadata_from_object(PyObject *pairs, SendMetadata *out)
     }
     Py_DECREF(seq);
     return 0;
+}
+
+int
+metadata_from_object(PyObject *pairs, SendMetadata *out)
+{
+    return from_object(pairs, out, 0);
+}
+
+int
+metadata_from_trusted(PyObject *pairs, SendMetadata *out)
+{
+    return from_object(pairs, out, 1);
 }
 
 int

@@ -12,8 +12,12 @@
 /* A new tuple of (key, value) tuples from a received array, or NULL. */
 PyObject *metadata_to_tuple(const grpc_metadata_array *array);
 /* Validate and copy a Python iterable of pairs into `out` (which must be
- * empty). Returns 0, or -1 with TypeError/ValueError naming the bad entry. */
+ * empty). Returns 0, or -1 with TypeError/ValueError naming the bad entry;
+ * the protocol's reserved keys (grpc-status, grpc-timeout, ...) are
+ * refused. */
 int metadata_from_object(PyObject *pairs, SendMetadata *out);
+/* The same for metadata asyncgrpc builds itself (reserved keys allowed). */
+int metadata_from_trusted(PyObject *pairs, SendMetadata *out);
 /* Append copies (new slice refs) of the items of `extra` to `md`. 0 or -1. */
 int metadata_append(SendMetadata *md, const SendMetadata *extra);
 /* Release the slices and the array of `md` and leave it empty. */

@@ -63,19 +63,15 @@ def test_short_fuzz_run_finds_no_violation(tmp_path, loop, runs):
 # The inputs the fuzzer saved for the defects that abort the whole process. Replayed with
 # the harness' known-defect skipping off; each must (once fixed) run clean.
 ABORTING = {
-    "D1-grpc-timeout-trailing": "DEFECT D1: set_trailing_metadata() accepts the reserved "
-                                "key 'grpc-timeout'; the core then aborts the process "
-                                "(chttp2_transport.cc assertion)",
-    "D1-grpc-timeout-initial": "DEFECT D1: send_initial_metadata() accepts the reserved key "
-                               "'grpc-timeout'; the core then aborts the process",
-    "D2-zerocopy-max-sends-option": "DEFECT D2: server(options=[('grpc.experimental."
-                                    "tcp_tx_zerocopy_max_simultaneous_sends', 2**31-1)]) is "
-                                    "accepted; the first connection aborts the process "
-                                    "(allocation of ~687 GB)",
+    "D2-zerocopy-max-sends-option": "DEFECT D2 (gRPC core, not src/): server(options=[("
+                                    "'grpc.experimental.tcp_tx_zerocopy_max_simultaneous_"
+                                    "sends', 2**31-1)]) makes the first connection abort the "
+                                    "process (allocation of ~687 GB)",
 }
+FIXED = ["D1-grpc-timeout-initial", "D1-grpc-timeout-trailing"]   # fixed since
 
 
-@pytest.mark.parametrize("name", [
+@pytest.mark.parametrize("name", FIXED + [
     pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=reason))
     for name, reason in sorted(ABORTING.items())])
 def test_saved_crash_input_runs_clean(tmp_path, name):
@@ -93,9 +89,6 @@ def serve(server_thread, handler) -> str:
     return server_thread.target
 
 
-@pytest.mark.xfail(strict=True, reason="DEFECT D3: set_trailing_metadata(iterator) sends the "
-                   "pairs but context.trailing_metadata() reads back () (the iterator is "
-                   "consumed by the validation before PySequence_Tuple)")
 def test_trailing_metadata_given_as_iterator_reads_back(server_thread, recorder):
     pairs = [("x-one", "1"), ("x-two-bin", b"\x00\x02")]
 
@@ -110,10 +103,6 @@ def test_trailing_metadata_given_as_iterator_reads_back(server_thread, recorder)
     assert recorder.items == [tuple(pairs)]                          # what the handler reads
 
 
-@pytest.mark.xfail(strict=True, reason="DEFECT D4: the key '-bin' is binary for asyncgrpc "
-                   "(metadata.c is_binary_key: 4+ chars) but not for the core (5+ chars); "
-                   "its non-ASCII value passes validation, the core refuses the batch and "
-                   "the RPC never gets a status")
 def test_bare_bin_key_with_binary_value_never_leaves_the_rpc_without_status(
         server_thread, recorder):
     async def handler(request, context):
@@ -143,9 +132,6 @@ def test_bare_bin_key_with_binary_value_never_leaves_the_rpc_without_status(
                         "initial": (grpc.StatusCode.OK, b"initial")}
 
 
-@pytest.mark.xfail(strict=True, reason="DEFECT D5: send_initial_metadata() passes the reserved "
-                   "key 'grpc-status' through; core 1.51 sends a negative value on the wire and "
-                   "the client fails the RPC with INTERNAL whatever the handler answers")
 def test_negative_grpc_status_in_initial_metadata_does_not_break_the_rpc(server_thread,
                                                                          recorder):
     async def handler(request, context):
