@@ -179,6 +179,7 @@ class Server:
             self._stop_task = asyncio.ensure_future(self._stop())
         elif deadline < self._stop_deadline:
             # A later stop() with a shorter grace (or None) wins.
+            assert self._stop_cut_short is not None
             self._stop_deadline = deadline
             self._stop_cut_short.set()
         await asyncio.shield(self._stop_task)
@@ -199,6 +200,7 @@ class Server:
         # (they move to other backends) and the listeners close, while the
         # calls in flight go on until they end or the grace runs out.
         done = self._core.shutdown()
+        assert self._stop_cut_short is not None
         while not done.done():
             remaining = self._stop_deadline - self._loop.time()
             if remaining <= 0:
