@@ -30,7 +30,8 @@ Run: ``.venv/bin/python fuzz/fuzz_core.py -atheris_runs=10000`` (see fuzz/README
 Environment: ``ASYNCGRPC_FUZZ_LOOP=uvloop`` serves on uvloop; ``ASYNCGRPC_FUZZ_STATS=FILE``
 writes per-surface counters and the resident memory as JSON to FILE every 5,000 inputs and
 at the end; ``ASYNCGRPC_FUZZ_RPC_TIMEOUT`` (seconds, default 20) is how long an RPC may take
-before it counts as hung; ``ASYNCGRPC_FUZZ_TRACE=1`` prints what each input does first.
+before it counts as hung; ``ASYNCGRPC_FUZZ_TRACE=1`` prints what each input does first;
+``ASYNCGRPC_FUZZ_RECORD=DIR`` writes the last 5,000 inputs to DIR when one fails.
 """
 from __future__ import annotations
 
@@ -44,7 +45,9 @@ import re
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Type
+from collections import deque
+from typing import (Any, Callable, Deque, Dict, Iterator, List, Optional, Sequence, Tuple,
+                    Type)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -81,6 +84,11 @@ _SKIP = os.environ.get("ASYNCGRPC_FUZZ_SKIP_KNOWN", "1")
 STATS_FILE = os.environ.get("ASYNCGRPC_FUZZ_STATS")
 LOOP_KIND = os.environ.get("ASYNCGRPC_FUZZ_LOOP", "asyncio")
 TRACE = os.environ.get("ASYNCGRPC_FUZZ_TRACE") == "1"
+# Keep the last RECORD_KEEP inputs and write them to this directory when an input fails, to
+# replay a failure that depends on what the connection went through before (in order:
+# ``fuzz_core.py DIR/*``).
+RECORD_DIR = os.environ.get("ASYNCGRPC_FUZZ_RECORD")
+RECORD_KEEP = 5000
 
 
 def trace(*parts: Any) -> None:
@@ -107,7 +115,9 @@ KNOWN_DEFECTS = {
 }
 # Fixed since (their saved inputs run clean, tests/test_fuzz.py): D1 reserved 'grpc-timeout'
 # in sent metadata aborted the core; D3 set_trailing_metadata(iterator) read back (); D4 the
-# key '-bin' was binary for asyncgrpc but not for the core; D5 'grpc-status' in the headers.
+# key '-bin' was binary for asyncgrpc but not for the core; D5 'grpc-status' in the headers;
+# D6 headers the core indexes in its HPACK table (grpc-tags-bin, grpc-trace-bin, te,
+# user-agent, ...) desynchronized the connection's tables.
 
 SKIP_KNOWN = (set(KNOWN_DEFECTS) if _SKIP == "1" else set() if _SKIP == "0"
               else set(_SKIP.split(",")))
@@ -227,13 +237,15 @@ RESERVED_KEYS = frozenset([
 REFUSED_KEYS = frozenset([
     "grpc-status", "grpc-message", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding",
     "grpc-internal-encoding-request", "grpc-internal-stream-encoding-request",
-    "grpc-previous-rpc-attempts", "grpc-retry-pushback-ms",
+    "grpc-previous-rpc-attempts", "grpc-retry-pushback-ms", "grpc-tags-bin", "grpc-trace-bin",
+    "te", "user-agent",
 ])
 
 
 def is_plain_key(key: str) -> bool:
-    """True for keys that travel unchanged end to end."""
-    return not key.startswith("grpc-") and key not in RESERVED_KEYS
+    """True for keys that travel unchanged end to end. ('-bin' alone is a text key for the
+    server's core but grpcio's Python layer hands its value to the client as bytes.)"""
+    return not key.startswith("grpc-") and key not in RESERVED_KEYS and key != "-bin"
 
 
 MdModel = Tuple[Optional[Type[BaseException]], Optional[List[Tuple[str, Any]]]]
@@ -337,8 +349,10 @@ def utf8_or_none(text: Any) -> Optional[str]:
 
 
 def known_metadata_defect(pairs: Optional[List[Tuple[str, Any]]], initial: bool) -> None:
-    """Skip the input if valid server-sent metadata would reach defect D1, D4 or D5."""
+    """Skip the input if valid server-sent metadata would reach defect D1, D4, D5 or D6."""
     for key, value in pairs or ():
+        if key in ("grpc-tags-bin", "grpc-trace-bin") and skips("D6"):
+            raise SkipInput("D6")
         if key == "grpc-timeout" and skips("D1"):
             raise SkipInput("D1")
         if key == "-bin" and skips("D4"):
@@ -869,6 +883,7 @@ class Fuzzer:
         self.next_id = 0
         self.stats: Dict[str, int] = {"inputs": 0}
         self.rss_history: List[Tuple[int, int]] = []
+        self.recent: Optional[Deque[bytes]] = deque(maxlen=RECORD_KEEP) if RECORD_DIR else None
         self.started = time.monotonic()
         self.surfaces = [
             ("unary", self.fuzz_unary, 8),
@@ -895,7 +910,20 @@ class Fuzzer:
             json.dump(data, f, indent=1, sort_keys=True)
         os.replace(tmp, STATS_FILE)
 
+    def dump_recent(self) -> None:
+        """Write the last inputs (the failing one last) to RECORD_DIR, numbered in order."""
+        if self.recent is None or RECORD_DIR is None:
+            return
+        os.makedirs(RECORD_DIR, exist_ok=True)
+        for i, data in enumerate(self.recent):
+            with open(os.path.join(RECORD_DIR, f"{i:06d}"), "wb") as f:
+                f.write(data)
+        print(f"fuzz_core: the last {len(self.recent)} inputs are in {RECORD_DIR}",
+              file=sys.stderr, flush=True)
+
     def one_input(self, data: bytes) -> None:
+        if self.recent is not None:
+            self.recent.append(data)
         if len(data) < STRETCH_BELOW:
             data = hashlib.shake_256(data).digest(STRETCH_TO)
         fdp = atheris.FuzzedDataProvider(data)
@@ -1460,7 +1488,9 @@ def TestOneInput(data: bytes) -> None:  # noqa: N802 (atheris' name)
     global FUZZER
     if FUZZER is None:
         FUZZER = Fuzzer()
-        print(f"fuzz_core: serving {asyncgrpc.__file__} on {LOOP_KIND} at {FUZZER.target}; "
+        asan = "libasan" in os.environ.get("LD_PRELOAD", "")
+        print(f"fuzz_core: serving {asyncgrpc.__file__} on {LOOP_KIND} at {FUZZER.target}"
+              f"{' with the ASan runtime preloaded' if asan else ''}; "
               f"skipping known defects {sorted(SKIP_KNOWN) or 'none'}", file=sys.stderr,
               flush=True)
     try:
@@ -1472,6 +1502,7 @@ def TestOneInput(data: bytes) -> None:  # noqa: N802 (atheris' name)
         print("\n=== fuzz_core: invariant violated or harness error ===", file=sys.stderr)
         traceback.print_exc()
         sys.stderr.flush()
+        FUZZER.dump_recent()
         raise
     if RUNS is not None and FUZZER.stats["inputs"] >= RUNS:
         finish(0)

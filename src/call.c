@@ -388,6 +388,16 @@ send_final(CallObject *self, grpc_status_code code, PyObject *details,
         if (message != NULL) {
             grpc_byte_buffer_destroy(message);
         }
+        if (self->call != NULL && self->server->phase != SERVER_CLOSED &&
+            !server_inert(self->server)) {
+            /* The core refused the batch (metadata it will not send, say):
+             * the client must still get a status, not wait for its
+             * deadline. */
+            grpc_call_cancel_with_status(
+                self->call, GRPC_STATUS_INTERNAL,
+                "the server could not send the RPC's status", NULL);
+            self->status_sent = 1;
+        }
         return -1;
     }
     self->status_sent = 1;

@@ -59,21 +59,23 @@ metadata_clear(SendMetadata *md)
 /* The protocol's own keys, which the core parses and acts on: from a
  * handler they are refused (a grpc-timeout in sent metadata aborts the
  * process in core 1.51; a grpc-status in the headers breaks the RPC for the
- * client). Other "grpc-" keys that applications set, such as
+ * client). Other keys that applications set, such as
  * grpc-status-details-bin (rich error details), stay allowed. */
 static const char *const RESERVED_KEYS[] = {
     "grpc-status", "grpc-message", "grpc-timeout", "grpc-encoding",
     "grpc-accept-encoding", "grpc-internal-encoding-request",
     "grpc-internal-stream-encoding-request", "grpc-previous-rpc-attempts",
-    "grpc-retry-pushback-ms", NULL,
+    "grpc-retry-pushback-ms",
+    /* Indexed by core 1.51's HPACK encoder in a way that, mixed with other
+     * headers over a sequence of RPCs, desynchronizes the connection's
+     * tables ("Invalid HPACK index" on the client; fuzz defect D6). */
+    "grpc-tags-bin", "grpc-trace-bin", "te", "user-agent",
+    NULL,
 };
 
 static int
 is_reserved_key(const char *key, Py_ssize_t len)
 {
-    if (len < 5 || memcmp(key, "grpc-", 5) != 0) {
-        return 0;
-    }
     for (const char *const *r = RESERVED_KEYS; *r != NULL; r++) {
         if ((size_t)len == strlen(*r) && memcmp(key, *r, (size_t)len) == 0) {
             return 1;

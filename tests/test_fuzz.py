@@ -7,11 +7,12 @@ subprocess inherits LD_PRELOAD and runs against the sanitized extension.
 """
 from __future__ import annotations
 
+import base64
 import json
 import os
 import subprocess
 import sys
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import grpc
 import pytest
@@ -50,6 +51,8 @@ def test_short_fuzz_run_finds_no_violation(tmp_path, loop, runs):
         "ASYNCGRPC_FUZZ_LOOP": loop, "ASYNCGRPC_FUZZ_STATS": str(stats_file)})
     assert proc.returncode == 0, tail(proc.stderr)
     assert f"done {runs} inputs" in proc.stderr
+    if "libasan" in os.environ.get("LD_PRELOAD", ""):      # the suite's ASan pass
+        assert "with the ASan runtime preloaded" in proc.stderr
     assert not list(tmp_path.glob("crash-*")), tail(proc.stderr)
     stats = json.loads(stats_file.read_text())
     assert stats["inputs"] == runs and stats["loop"] == loop
@@ -82,10 +85,11 @@ def test_saved_crash_input_runs_clean(tmp_path, name):
 
 # ---------------------------------------------------------------- defects, reproduced directly
 
-def serve(server_thread, handler) -> str:
+def serve(server_thread, handler, **server_kwargs: Any) -> str:
     """Serve ``handler`` as the raw unary method /fuzz.Defects/Call; returns the target."""
     server_thread.start(lambda s: s.add_registered_method_handlers(
-        "fuzz.Defects", {"Call": asyncgrpc.unary_unary_rpc_method_handler(handler)}))
+        "fuzz.Defects", {"Call": asyncgrpc.unary_unary_rpc_method_handler(handler)}),
+        **server_kwargs)
     return server_thread.target
 
 
@@ -148,3 +152,54 @@ def test_negative_grpc_status_in_initial_metadata_does_not_break_the_rpc(server_
         except grpc.RpcError as err:
             outcome = (err.code(), err.details())
     assert outcome == (grpc.StatusCode.OK, b"answered")
+
+
+def load_sequence(name: str) -> List[Tuple[Tuple[Tuple[str, Any], ...], Tuple[Tuple[str, Any], ...],
+                                         Optional[grpc.StatusCode]]]:
+    """A saved RPC sequence: (initial metadata, trailing metadata, abort code or None) each."""
+    def pairs(items: List[List[Any]]) -> Tuple[Tuple[str, Any], ...]:
+        return tuple((k, base64.b64decode(v["b64"]) if isinstance(v, dict) else v)
+                     for k, v in items)
+    with open(os.path.join(CRASHES, name)) as f:
+        return [(pairs(r["initial"]), pairs(r["trailing"]),
+                 getattr(grpc.StatusCode, r["abort"]) if r["abort"] else None)
+                for r in json.load(f)]
+
+
+def test_reserved_metadata_sequence_keeps_the_connection_usable(server_thread):
+    sequence = load_sequence("D6-hpack-desync-sequence.json")
+    current: Dict[str, Any] = {}
+
+    async def handler(request, context):
+        initial, trailing, code = current["step"]
+        # The reserved keys in the sequence are refused with ValueError now
+        # (they desynchronized core 1.51's HPACK tables); the rest is sent.
+        try:
+            if initial:
+                await context.send_initial_metadata(initial)
+        except ValueError:
+            pass
+        try:
+            if trailing:
+                context.set_trailing_metadata(trailing)
+        except ValueError:
+            pass
+        if code is not None:
+            await context.abort(code, "step")
+        return b"ok"
+    big_headers = [("grpc.max_metadata_size", 4 << 20)]      # as in the fuzz run
+    target = serve(server_thread, handler, options=big_headers)
+    got, wanted = [], []
+    with grpc.insecure_channel(target, options=big_headers) as channel:
+        call = channel.unary_unary("/fuzz.Defects/Call")
+        for step in sequence:
+            current["step"] = step
+            wanted.append(step[2] or grpc.StatusCode.OK)
+            try:
+                call(b"", timeout=10)
+                got.append(grpc.StatusCode.OK)
+            except grpc.RpcError as err:
+                got.append(err.code())
+                if err.code() != step[2]:
+                    print("step", len(got) - 1, err.code(), err.details())
+    assert got == wanted     # every RPC ends with the status its handler chose
