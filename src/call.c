@@ -292,23 +292,34 @@ report(CallObject *self, const char *kind, PyObject *exc)
     return code;
 }
 
+/* Complete a pending asyncio future: with `value`, or with the exception
+ * `exc` if that is not NULL. */
+static void
+complete_future(CallObject *self, PyObject *fut, PyObject *value, PyObject *exc)
+{
+    ModuleState *st = self->server->state;
+    PyObject *r = exc
+        ? PyObject_CallMethodOneArg(fut, st->str_set_exception, exc)
+        : PyObject_CallMethodOneArg(fut, st->str_set_result, value);
+    if (r == NULL) {
+        PyErr_WriteUnraisable(fut);
+    }
+    Py_XDECREF(r);
+}
+
 /* Resolve an asyncio future unless it is done (cancelled by its awaiter):
  * with `value`, or with the exception `exc` if that is not NULL. */
 static void
 resolve_future(CallObject *self, PyObject *fut, PyObject *value, PyObject *exc)
 {
-    ModuleState *st = self->server->state;
-    PyObject *done = PyObject_CallMethodNoArgs(fut, st->str_done);
+    PyObject *done = PyObject_CallMethodNoArgs(fut, self->server->state->str_done);
     if (done == Py_False) {
-        PyObject *r = exc
-            ? PyObject_CallMethodOneArg(fut, st->str_set_exception, exc)
-            : PyObject_CallMethodOneArg(fut, st->str_set_result, value);
-        Py_XDECREF(r);
+        complete_future(self, fut, value, exc);
     }
-    Py_XDECREF(done);
-    if (PyErr_Occurred()) {
+    else if (done == NULL) {
         PyErr_WriteUnraisable(fut);
     }
+    Py_XDECREF(done);
 }
 
 /* Fill `ops` with SEND_INITIAL_METADATA (unless already sent; it carries
@@ -666,13 +677,14 @@ read_result(CallObject *self, int ok, grpc_byte_buffer *bb, PyObject **exc)
     return value;
 }
 
-/* Resolve `fut` with what read_result() gives for this receive. */
+/* Complete `fut` (known to be pending: new, or checked by the caller) with
+ * what read_result() gives for this receive. */
 static void
 resolve_read(CallObject *self, PyObject *fut, int ok, grpc_byte_buffer *bb)
 {
     PyObject *exc;
     PyObject *value = read_result(self, ok, bb, &exc);
-    resolve_future(self, fut, value, exc);
+    complete_future(self, fut, value, exc);
     Py_XDECREF(value);
     Py_XDECREF(exc);
 }
