@@ -1,10 +1,25 @@
 """Build script for the asyncgrpc C extension.
 
 Project metadata lives in pyproject.toml; this file only describes the
-extension ``asyncgrpc._core``, whose compiler and linker flags come from
-``pkg-config grpc``.
+extension ``asyncgrpc._core``. It links one of two gRPC C cores:
+
+* by default, the system's: compiler and linker flags come from
+  ``pkg-config grpc`` (Debian 12: libgrpc 1.51.1, core version 29.0.0,
+  which carries known vulnerabilities; see README, "Which gRPC core").
+* with ``ASYNCGRPC_BUNDLED_CORE=1``, a current core compiled from the
+  pinned grpcio sdist (scripts/build_core.py: version and sha256 pinned
+  there, build cached in ``~/.cache/asyncgrpc``, 30-60 minutes on two cores
+  the first time) and linked statically with its symbols hidden
+  (``-fvisibility=hidden``, ``-Wl,--exclude-libs,ALL``, a version script
+  exporting only ``PyInit__core``, static libstdc++): the extension then
+  needs no libgrpc/libssl/libabsl at run time and lives beside grpcio in
+  one process. ``ASYNCGRPC_BUNDLED_CORE=1 pip wheel .`` makes a wheel that
+  installs anywhere with the same glibc or newer.
 
 Environment switches:
+  ASYNCGRPC_BUNDLED_CORE=1    link the bundled core instead of pkg-config's.
+  ASYNCGRPC_CORE_CACHE=DIR    where the bundled core is built and kept.
+  ASYNCGRPC_CORE_JOBS=N       parallel compilers for it (default: CPUs).
   ASYNCGRPC_SANITIZE=address  build with AddressSanitizer and UBSan
                               (run Python with LD_PRELOAD of libasan).
   ASYNCGRPC_DEBUG=1           build with -O0 -g.
@@ -17,6 +32,9 @@ import subprocess
 import sys
 
 from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 _INSTALL_HINT = (
     "asyncgrpc needs the gRPC C core and pkg-config to build.\n"
@@ -41,9 +59,100 @@ def _pkg_config(*args: str) -> list[str]:
     return shlex.split(out)
 
 
+def _bundled() -> bool:
+    return os.environ.get("ASYNCGRPC_BUNDLED_CORE", "") not in ("", "0")
+
+
+def _bundled_core_flags() -> tuple[list[str], list[str]]:
+    """Compile and link flags for the core built by scripts/build_core.py."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    try:
+        import build_core
+    finally:
+        sys.path.pop(0)
+    core = build_core.build()
+    version_script = os.path.join(ROOT, "scripts", "exports.map")
+    cflags = ["-I" + str(core.include_dir),
+              f'-DASYNCGRPC_BUNDLED_GRPCIO="{core.version}"']
+    libs = [
+        str(core.archive),
+        # Nothing of the archive (nor of libstdc++/libgcc) is exported:
+        # only PyInit__core is, so grpcio's own core in the same process
+        # never binds to ours, nor ours to its.
+        "-Wl,--exclude-libs,ALL",
+        f"-Wl,--version-script={version_script}",
+        "-Wl,--gc-sections",
+        "-static-libstdc++", "-static-libgcc",
+        *("-l" + lib for lib in core.libraries),
+    ]
+    return cflags, libs
+
+
+class BuildExt(build_ext):
+    """build_ext that keeps the two cores' builds apart and checks the link.
+
+    The objects of src/ compiled against one core's headers must never be
+    linked with the other core: each core gets its own build_temp, and an
+    existing extension built for the other core is rebuilt, however new it
+    is. After a bundled-core link, every undefined symbol must come from
+    Python or the system libraries (which carry symbol versions): a shared
+    object may keep undefined symbols until it is loaded, so a core source
+    that scripts/build_core.py leaves out but is needed shows up here.
+    """
+
+    def finalize_options(self) -> None:
+        super().finalize_options()
+        if _bundled():
+            self.build_temp = os.path.join(self.build_temp, "bundled-core")
+
+    def build_extension(self, ext: Extension) -> None:
+        target = self.get_ext_fullpath(ext.name)
+        if os.path.exists(target) and _links_system_grpc(target) == _bundled():
+            self.force = True
+        if _bundled():
+            # Built here, not when setup.py is loaded: pip loads it several
+            # times (metadata, requirements) before building anything.
+            cflags, libs = _bundled_core_flags()
+            ext.extra_compile_args = cflags + ext.extra_compile_args
+            ext.extra_link_args = libs + ext.extra_link_args
+        super().build_extension(ext)
+        if _bundled():
+            _check_undefined(self.get_ext_fullpath(ext.name))
+
+
+def _links_system_grpc(path: str) -> bool:
+    """Whether the shared object at path needs a system libgrpc."""
+    out = subprocess.run(["readelf", "-d", path],
+                         capture_output=True, text=True).stdout
+    return "[libgrpc.so" in out
+
+
+def _check_undefined(path: str) -> None:
+    out = subprocess.run(["nm", "-D", "--undefined-only", path],
+                         check=True, capture_output=True, text=True).stdout
+    missing = []
+    for line in out.splitlines():
+        name = line.split()[-1]
+        if "@" in name or name.startswith(("Py", "_Py")) or name in _WEAK_OK:
+            continue
+        missing.append(name)
+    if missing:
+        sys.exit(f"error: {path} has undefined symbols the bundled gRPC core "
+                 "should define (a source scripts/build_core.py leaves out is "
+                 "needed):\n  " + "\n  ".join(sorted(missing)[:50]))
+
+
+# Weak, unversioned references glibc/libgcc resolve or leave null.
+_WEAK_OK = {"__gmon_start__", "_ITM_deregisterTMCloneTable",
+            "_ITM_registerTMCloneTable", "__cxa_finalize"}
+
+
 def _extension() -> Extension:
-    cflags = _pkg_config("--cflags")
-    libs = _pkg_config("--libs")
+    if _bundled():
+        cflags, libs = [], []  # added by BuildExt.build_extension
+    else:
+        cflags = _pkg_config("--cflags")
+        libs = _pkg_config("--libs")
     extra_compile = ["-std=c11", "-Wall", "-Wextra", "-Werror",
                      "-Wno-missing-field-initializers", "-fvisibility=hidden"]
     extra_link: list[str] = []
@@ -64,7 +173,9 @@ def _extension() -> Extension:
         depends=sorted(glob.glob(os.path.join("src", "*.h"))),
         extra_compile_args=cflags + extra_compile,
         extra_link_args=libs + extra_link,
+        # Link with g++ when the C++ core is in: -static-libstdc++ needs it.
+        language="c++" if _bundled() else None,
     )
 
 
-setup(ext_modules=[_extension()])
+setup(ext_modules=[_extension()], cmdclass={"build_ext": BuildExt})

@@ -67,6 +67,7 @@ __all__ = [
     "StatusCode",
     "UsageError",
     "add_servicer",
+    "core_version",
     "method_handlers_generic_handler",
     "server",
     "ssl_server_credentials",
@@ -76,6 +77,17 @@ __all__ = [
     "unary_stream_rpc_method_handler",
     "unary_unary_rpc_method_handler",
 ]
+
+
+def core_version() -> str:
+    """The version of the gRPC C core asyncgrpc runs on, as the core reports
+    it (``grpc_version_string()``). This is the core's own version number,
+    not gRPC's release number: ``"29.0.0"`` is gRPC 1.51 (Debian 12's
+    libgrpc, linked by a default build), ``"58.0.0"`` is gRPC 1.85 (the
+    core an ``ASYNCGRPC_BUNDLED_CORE=1`` build compiles in; the grpcio
+    release it came from is ``asyncgrpc._core.BUNDLED_CORE``). See README,
+    "Which gRPC core"."""
+    return _core.core_version()
 
 
 def stats() -> Dict[str, int]:

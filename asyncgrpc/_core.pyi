@@ -2,6 +2,9 @@
 from typing import Any, Awaitable, Callable, Optional, Sequence, Tuple
 
 REQUESTS_PER_METHOD: int
+BUNDLED_CORE: Optional[str]
+"""The grpcio release whose C core is linked in statically
+(ASYNCGRPC_BUNDLED_CORE=1 builds), or None when a system libgrpc is."""
 
 def stats() -> dict[str, int]:
     """Process-wide counters: events, events_inline, events_via_ring,
@@ -9,6 +12,10 @@ def stats() -> dict[str, int]:
     rpcs_finished, rpcs_rejected, live_servers."""
 
 def grpc_version() -> str: ...
+
+def core_version() -> str:
+    """grpc_version_string() of the linked gRPC C core (the core's own
+    version: '29.0.0' is gRPC 1.51, '58.0.0' is gRPC 1.85)."""
 
 def configure(usage_error: type, eof: object) -> None:
     """Hand the C fast paths of Call.read()/write() their exception and EOF."""

@@ -78,6 +78,8 @@ static PyMethodDef core_methods[] = {
      "configure(usage_error, eof): objects used by Call.read()/write()."},
     {"grpc_version", core_grpc_version, METH_NOARGS,
      "The version of the gRPC C core this module runs on."},
+    {"core_version", core_grpc_version, METH_NOARGS,
+     "grpc_version_string() of the linked gRPC C core (e.g. '29.0.0')."},
     {"_inject_post_failures", core_inject_post_failures, METH_O,
      "Test hook: make the next n request-slot posts fail."},
     {NULL, NULL, 0, NULL},
@@ -143,6 +145,18 @@ core_exec(PyObject *module)
     if (PyModule_AddIntConstant(module, "REQUESTS_PER_METHOD", 64) < 0) {
         return -1;
     }
+    /* The grpcio release whose C core is linked in (ASYNCGRPC_BUNDLED_CORE=1
+     * builds, defined by setup.py), or None for a system libgrpc. */
+#ifdef ASYNCGRPC_BUNDLED_GRPCIO
+    if (PyModule_AddStringConstant(module, "BUNDLED_CORE",
+                                   ASYNCGRPC_BUNDLED_GRPCIO) < 0) {
+        return -1;
+    }
+#else
+    if (PyModule_AddObjectRef(module, "BUNDLED_CORE", Py_None) < 0) {
+        return -1;
+    }
+#endif
     int err = server_register_atfork();
     if (err != 0) {
         errno = err;
