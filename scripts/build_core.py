@@ -45,6 +45,9 @@ from pathlib import Path
 
 GRPCIO_VERSION = "1.85.1"
 GRPCIO_SDIST_SHA256 = "5f530287d5de5f7f66089ead81de44f6787162944dab3922efa65dfdff108a1d"
+# What grpc_version_string() of this core returns (the C core's own
+# version; checked against the sources when they are unpacked).
+CORE_VERSION = "58.0.0"
 GRPCIO_SDIST_URL = (
     "https://files.pythonhosted.org/packages/f0/03/"
     "f9e805772d4d01da2a1754a5f63c58601eacaf8f1e878729217188de7d16/"
@@ -95,9 +98,36 @@ EXCLUDED_PREFIXES = (
     "src/core/credentials/call/external/",
     "src/core/credentials/call/gcp_service_account_identity/",
     "src/core/credentials/call/gdch_service_account/",
-    # Windows-only sources listed among the portable ones.
+    "src/core/ext/upb-gen/grpc/gcp/",
+    # Call credentials and Google default credentials: a client's; the
+    # registries that name them are registered only with xDS.
+    "src/core/credentials/call/jwt/",
+    "src/core/credentials/call/jwt_token_file/",
+    "src/core/credentials/call/oauth2/",
+    "src/core/credentials/call/iam/",
+    "src/core/credentials/call/plugin/",
+    "src/core/credentials/call/token_fetcher/",
+    "src/core/credentials/call/jwt_util.cc",
+    "src/core/credentials/call/json_util.cc",
+    "src/core/credentials/call/regional_access_boundary_fetcher.cc",
+    "src/core/credentials/call/call_creds_registry_init.cc",
+    "src/core/credentials/transport/google_default/",
+    "src/core/credentials/transport/channel_creds_registry_init.cc",
+    "src/core/util/gcp_metadata_query.cc",
+    "src/core/util/http_client/",
+    # gRPC authorization policies (grpc_authorization_policy_provider_*),
+    # RBAC matchers and the regular expressions they need.
+    "src/core/lib/security/authorization/",
+    "src/core/util/matchers.cc",
+    "third_party/re2/",
+    # Windows and Apple sources listed among the portable ones (they
+    # compile to nothing on Linux).
     "third_party/address_sorting/address_sorting_windows.c",
+    "src/core/util/windows/",
+    "src/core/lib/event_engine/windows/",
+    "src/core/lib/event_engine/cf_engine/",
 )
+EXCLUDED_SUFFIXES = ("_windows.cc", "_windows.c", "_apple.cc")
 
 # Files that define a symbol the kept code references, although they sit
 # under an excluded prefix.
@@ -252,6 +282,10 @@ def extract(sdist: Path, root: Path) -> Path:
         os.replace(tmp / f"grpcio-{GRPCIO_VERSION}", src)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    version_cc = (src / "src" / "core" / "lib" / "surface" / "version.cc").read_text()
+    if f'return "{CORE_VERSION}";' not in version_cc:
+        raise SystemExit(f"error: grpcio {GRPCIO_VERSION}'s core does not report "
+                         f"version {CORE_VERSION} (scripts/build_core.py is out of date)")
     stamp.touch()
     return src
 
@@ -269,7 +303,8 @@ def source_files(src: Path) -> list[str]:
     """The sources compiled into the archive, relative to the sdist root."""
     core, asm = _grpcio_lists(src)
     kept = [f for f in core
-            if f in KEPT_DESPITE_PREFIX or not f.startswith(EXCLUDED_PREFIXES)]
+            if f in KEPT_DESPITE_PREFIX
+            or not (f.startswith(EXCLUDED_PREFIXES) or f.endswith(EXCLUDED_SUFFIXES))]
     return kept + asm
 
 

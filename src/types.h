@@ -25,6 +25,14 @@
 #include <grpc/byte_buffer.h>
 #include <grpc/support/alloc.h>
 #include <grpc/support/time.h>
+/* Cores newer than 1.51 declare the credentials API (insecure and SSL
+ * server credentials, grpc_ssl_pem_key_cert_pair) in grpc/credentials.h,
+ * which grpc/grpc_security.h no longer includes. */
+#if defined(__has_include)
+#if __has_include(<grpc/credentials.h>)
+#include <grpc/credentials.h>
+#endif
+#endif
 
 /* ---- counters (plain C: the poller thread updates some of them) ---- */
 /* Only eventfd_writes is written by poller threads (without the GIL, one
