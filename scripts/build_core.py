@@ -120,6 +120,14 @@ EXCLUDED_PREFIXES = (
     "src/core/lib/security/authorization/",
     "src/core/util/matchers.cc",
     "third_party/re2/",
+    # In-process transport, the legacy channelz API, fake and local
+    # credentials (tests' and same-host clients'), census context.
+    "src/core/ext/transport/inproc/",
+    "src/core/channelz/v2tov1/",
+    "src/core/credentials/transport/fake/",
+    "src/core/tsi/fake_transport_security.cc",
+    "src/core/credentials/transport/local/",
+    "src/core/ext/filters/census/",
     # Windows and Apple sources listed among the portable ones (they
     # compile to nothing on Linux).
     "third_party/address_sorting/address_sorting_windows.c",
