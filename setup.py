@@ -63,7 +63,7 @@ def _bundled() -> bool:
     return os.environ.get("ASYNCGRPC_BUNDLED_CORE", "") not in ("", "0")
 
 
-def _bundled_core_flags() -> tuple[list[str], list[str]]:
+def _bundled_core_flags() -> tuple[list[str], list[str], str]:
     """Compile and link flags for the core built by scripts/build_core.py."""
     sys.path.insert(0, os.path.join(ROOT, "scripts"))
     try:
@@ -85,7 +85,7 @@ def _bundled_core_flags() -> tuple[list[str], list[str]]:
         "-static-libstdc++", "-static-libgcc",
         *("-l" + lib for lib in core.libraries),
     ]
-    return cflags, libs
+    return cflags, libs, str(core.archive)
 
 
 class BuildExt(build_ext):
@@ -112,9 +112,10 @@ class BuildExt(build_ext):
         if _bundled():
             # Built here, not when setup.py is loaded: pip loads it several
             # times (metadata, requirements) before building anything.
-            cflags, libs = _bundled_core_flags()
+            cflags, libs, archive = _bundled_core_flags()
             ext.extra_compile_args = cflags + ext.extra_compile_args
             ext.extra_link_args = libs + ext.extra_link_args
+            ext.depends = [*ext.depends, archive]  # relink when it changes
         super().build_extension(ext)
         if _bundled():
             _check_undefined(self.get_ext_fullpath(ext.name))
@@ -132,19 +133,17 @@ def _check_undefined(path: str) -> None:
                          check=True, capture_output=True, text=True).stdout
     missing = []
     for line in out.splitlines():
-        name = line.split()[-1]
-        if "@" in name or name.startswith(("Py", "_Py")) or name in _WEAK_OK:
+        kind, name = line.split()[-2:]
+        # Weak references ("w", "v") may stay unresolved (optional hooks,
+        # thread_local initialisers); versioned ones are the system's.
+        if kind in ("w", "v") or "@" in name or name.startswith(("Py", "_Py")):
             continue
         missing.append(name)
     if missing:
+        os.unlink(path)  # a later build must not take it for up to date
         sys.exit(f"error: {path} has undefined symbols the bundled gRPC core "
                  "should define (a source scripts/build_core.py leaves out is "
                  "needed):\n  " + "\n  ".join(sorted(missing)[:50]))
-
-
-# Weak, unversioned references glibc/libgcc resolve or leave null.
-_WEAK_OK = {"__gmon_start__", "_ITM_deregisterTMCloneTable",
-            "_ITM_registerTMCloneTable", "__cxa_finalize"}
 
 
 def _extension() -> Extension:

@@ -148,6 +148,10 @@ KEPT_DESPITE_PREFIX: tuple[str, ...] = (
     # handshaker and the chttp2 transport use them.
     "src/core/util/http_client/format_request.cc",
     "src/core/util/http_client/parser.cc",
+    # Backend metrics (ORCA load reports) and channelz's promise protos.
+    "src/core/ext/upb-gen/xds/data/orca/",
+    "src/core/ext/upbdefs-gen/src/proto/grpc/channelz/v2/",
+    "src/core/ext/upbdefs-gen/google/protobuf/",
 )
 
 DEFINES = (
@@ -320,7 +324,7 @@ def source_files(src: Path) -> list[str]:
     """The sources compiled into the archive, relative to the sdist root."""
     core, asm = _grpcio_lists(src)
     kept = [f for f in core
-            if f in KEPT_DESPITE_PREFIX
+            if f.startswith(KEPT_DESPITE_PREFIX)
             or not (f.startswith(EXCLUDED_PREFIXES) or f.endswith(EXCLUDED_SUFFIXES))]
     return kept + asm
 

@@ -43,8 +43,9 @@ def _build_core_module() -> ModuleType:
         "build_core", os.path.join(ROOT, "scripts", "build_core.py"))
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    sys.modules.setdefault("build_core", module)  # its dataclass needs it
+    spec.loader.exec_module(sys.modules["build_core"])
+    return sys.modules["build_core"]
 
 
 def _needed_libraries(path: str) -> list[str]:
