@@ -34,6 +34,12 @@ SERVICE = "test.Bad"            # registered with the core (fast path)
 GENERIC = "test.BadGeneric"     # found per call by a generic handler
 MAX_RECEIVE = 1024              # grpc.max_receive_message_length in tests that set it
 
+# The C core's own version (asyncgrpc.core_version()): some defects are the
+# core's and differ between cores. Checked on 29 (gRPC 1.51, Debian 12's
+# libgrpc) and 58 (gRPC 1.85, the ASYNCGRPC_BUNDLED_CORE=1 build).
+CORE_MAJOR = int(asyncgrpc.core_version().split(".", 1)[0])
+OLD_CORE = CORE_MAJOR < 58
+
 _ids = itertools.count(1)
 
 
@@ -272,11 +278,23 @@ def test_content_type_is_not_enforced_like_grpc_aio(server_thread, recorder, hea
     health.check("content-type")
 
 
-@pytest.mark.parametrize("case", ["te-missing", "te-wrong", "method-get", "no-path"])
+@pytest.mark.parametrize("case", [
+    "te-missing",
+    pytest.param("te-wrong", marks=pytest.mark.xfail(not OLD_CORE, strict=True, reason=(
+        "DEFECT (gRPC core 1.85, not src/; core 1.51 is right): after a request "
+        "refused for 'te: gzip', the next request on the connection, with "
+        "'te: trailers', is refused too (INTERNAL \"Error parsing 'te' metadata\"): "
+        "the client's HPACK encoder put 'te: gzip' in the dynamic table and "
+        "sends 'te: trailers' as a literal naming that entry, and the core's "
+        "HPACK parser carries the old value's parse error over to the new "
+        "value (RFC 7541 6.2.1: only the entry's name is used). With the first "
+        "'te' sent never-indexed the next request is served."))),
+    "method-get", "no-path"])
 def test_bad_required_headers_rejected_before_handler(server_thread, recorder, health, case):
     """A request without ``te: trailers``, with ``te: gzip``, a GET or no
-    :path is refused (core 1.51 answers UNKNOWN; grpc.aio's newer core resets
-    the stream or answers INTERNAL) and never reaches the handler."""
+    :path is refused (core 1.51 answers UNKNOWN; core 1.85, as in grpc.aio,
+    resets the stream or answers INTERNAL), never reaches the handler, and
+    the next request on the connection is served."""
     call_id = new_id(case)
     with client(server_thread) as c:
         if case == "te-missing":
@@ -373,7 +391,8 @@ BAD_METADATA = {
 }
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(OLD_CORE, strict=True, reason=(
+    "fixed in the bundled core 1.85; "
     "DEFECT (gRPC core 1.51, not src/): refusing one request for its metadata "
     "(over the size limit: RESOURCE_EXHAUSTED; a -bin value that is not "
     "base64: UNAVAILABLE 'Failed parsing HTTP/2') fails the whole connection: "
@@ -498,7 +517,8 @@ def test_corrupt_gzip_message(server_thread, recorder, health, service):
     health.check("corrupt gzip")
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(OLD_CORE, strict=True, reason=(
+    "fixed in the bundled core 1.85; "
     "DEFECT (gRPC core 1.51, not src/): a message with the compressed flag "
     "set and grpc-encoding 'snappy' (unknown; the core drops the header with "
     "'Error parsing metadata ... grpc-encoding') or no grpc-encoding at all is "
@@ -554,7 +574,8 @@ def test_message_over_receive_limit(server_thread, recorder):
         health.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
+@pytest.mark.xfail(OLD_CORE, strict=True, reason=(
+    "fixed in the bundled core 1.85; "
     "DEFECT (gRPC core 1.51, not src/): a length prefix over "
     "grpc.max_receive_message_length is only checked once the whole message "
     "has arrived, so a client announcing 1 GiB keeps the stream open and the "
