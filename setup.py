@@ -123,8 +123,11 @@ class BuildExt(build_ext):
 
 def _links_system_grpc(path: str) -> bool:
     """Whether the shared object at path needs a system libgrpc."""
-    out = subprocess.run(["readelf", "-d", path],
-                         capture_output=True, text=True).stdout
+    try:
+        out = subprocess.run(["readelf", "-d", path],
+                             capture_output=True, text=True).stdout
+    except OSError:  # no binutils: assume it was built the same way
+        return not _bundled()
     return "[libgrpc.so" in out
 
 
