@@ -92,6 +92,22 @@ def _error(code: Tuple[int, str]) -> bytes:
     return _pbwire.bytes_field(_ERROR_RESPONSE, body)
 
 
+def _file_of_symbol(pool: Any, symbol: str) -> Any:
+    """The file defining ``symbol``; unlike protobuf's own look-up (and
+    grpcio-reflection), a method ``pkg.Service.Method`` is found too, as
+    grpc's C++ and Go servers do (``grpcurl describe`` asks for methods)."""
+    try:
+        return pool.FindFileContainingSymbol(symbol)
+    except KeyError:
+        service_name, _, method = symbol.rpartition(".")
+        if not service_name:
+            raise
+        service = pool.FindServiceByName(service_name)
+        if method not in service.methods_by_name:
+            raise
+        return service.file
+
+
 class ReflectionServicer:
     """Answers ServerReflectionInfo streams from protobuf descriptor pools.
 
@@ -177,8 +193,7 @@ class ReflectionServicer:
             if kind == _FILE_BY_FILENAME:
                 return self._file_response(self._find(lambda p: p.FindFileByName(value)))
             if kind == _FILE_CONTAINING_SYMBOL:
-                return self._file_response(
-                    self._find(lambda p: p.FindFileContainingSymbol(value)))
+                return self._file_response(self._find(lambda p: _file_of_symbol(p, value)))
             if kind == _FILE_CONTAINING_EXTENSION:
                 containing_type, number = value
 
