@@ -184,7 +184,8 @@ class Server:
         self._watchdog.start()
 
     async def stop(self, grace: Optional[float]) -> None:
-        """Stop: send GOAWAY at once (clients start no new RPCs here and
+        """Stop: run the stop callbacks (health turns NOT_SERVING), send
+        GOAWAY at once (clients start no new RPCs here and
         move to other backends; the listening sockets close), let the RPCs in
         flight finish within ``grace`` seconds, then cancel the rest.
         ``stop(None)`` cancels at once; a later call with a shorter grace
