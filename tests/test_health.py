@@ -194,6 +194,22 @@ def test_stop_callbacks_run_first_once_and_errors_are_logged(server_thread, capl
     assert "stop callback" in caplog.text and "boom" in caplog.text
 
 
+def test_malformed_request_is_internal_and_server_goes_on(server_thread):
+    """A request that is not a HealthCheckRequest (truncated field, bad
+    UTF-8) ends that call with INTERNAL, as an undecodable request does for
+    any method; the next Check works."""
+    server_thread.start(lambda s: None, health=True)
+    with grpc.insecure_channel(server_thread.target) as channel:
+        raw = channel.unary_unary("/grpc.health.v1.Health/Check")
+        for bad in (b"\x0a\x05ab", b"\x0a\x02\xff\xfe", b"\x0b"):
+            with pytest.raises(grpc.RpcError) as info:
+                raw(bad, timeout=10)
+            assert info.value.code() == grpc.StatusCode.INTERNAL, bad
+        assert raw(b"", timeout=10) == b"\x08\x01"               # "" -> SERVING
+    with pytest.raises(ValueError):
+        ag_health.decode_request(b"\x0a\x05ab")
+
+
 @pytest.mark.parametrize("service", ["", "a.B", "grüße/ünïcode", "x" * 300])
 def test_codec_matches_generated_messages(service):
     request = health_pb2.HealthCheckRequest(service=service).SerializeToString()
