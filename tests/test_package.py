@@ -37,6 +37,12 @@ ROOT = Path(__file__).resolve().parents[1]
 INTEROP_PROTOS = ["empty.proto", "messages.proto", "test.proto"]
 BUILD_TIMEOUT = 300  # seconds, per build/install step (a loaded machine compiles slowly)
 
+# The package is built here from scratch, without sanitizers: the ASan pass
+# of the suite (LD_PRELOAD of libasan) would only run pip and gcc slower.
+pytestmark = pytest.mark.skipif(
+    "libasan" in os.environ.get("LD_PRELOAD", ""),
+    reason="builds its own non-sanitized wheel; nothing for the AddressSanitizer pass")
+
 
 def _env() -> Dict[str, str]:
     """The environment of processes run from the venv: no trace of the
