@@ -3,14 +3,14 @@
 #
 #   bash scripts/dev.sh example    set up, build, run the greeter example
 #   bash scripts/dev.sh test       set up, build, run the whole test suite
-#   bash scripts/dev.sh test-asan  rebuild with AddressSanitizer+UBSan, run
-#                                  the suite, then rebuild the normal way
 #   bash scripts/dev.sh test-pythons
 #                                  for Python 3.12 and 3.13 (pyenv or on PATH):
 #                                  a venv .venv-3.X with the package and its
 #                                  test dependencies, and the core tests
 #                                  (default tests/test_unary.py and
 #                                  tests/test_streaming.py, or the given ones)
+#   bash scripts/dev.sh test-asan  rebuild with AddressSanitizer+UBSan, run
+#                                  the suite, then rebuild the normal way
 #
 # Set-up: Debian/Ubuntu packages (sudo when not root), then a virtualenv in
 # .venv with the package (editable, so the C extension is built in place)
@@ -21,13 +21,15 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 VENV="$ROOT/.venv"
 PY="$VENV/bin/python"
-APT_PACKAGES=(libgrpc-dev libprotobuf-c-dev protobuf-c-compiler pkg-config gcc make openssl util-linux nginx)
+APT_PACKAGES=(libgrpc-dev libprotobuf-c-dev protobuf-c-compiler pkg-config gcc make openssl util-linux)
+
+log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+
 # Installed for their programs only: tests start their own processes
 # (tests/test_nginx.py runs nginx with its own config on 127.0.0.1), so the
 # system services these packages bring are neither started nor enabled.
 NO_SERVICE_PACKAGES=(nginx)
-
-log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
+APT_PACKAGES+=("${NO_SERVICE_PACKAGES[@]}")
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
@@ -100,6 +102,10 @@ run_tests() {
     "$PY" -X dev -m pytest -q -p no:cacheprovider "$@"
 }
 
+asan_runtime() {
+    gcc -print-file-name=libasan.so
+}
+
 find_python() {
     # The python3.X of pyenv if it has one, else python3.X on PATH.
     local version=$1 root candidate
@@ -150,14 +156,15 @@ test_pythons() {
     return $status
 }
 
-asan_runtime() {
-    gcc -print-file-name=libasan.so
-}
-
 case "${1:-}" in
     example)
         ensure_apt; ensure_venv
         "$PY" examples/greeter/run_example.py
+        ;;
+    test-pythons)
+        shift
+        ensure_apt
+        test_pythons "$@"
         ;;
     test)
         shift
@@ -182,13 +189,8 @@ case "${1:-}" in
         "$PY" setup.py -q build_ext --inplace --force >/dev/null
         exit $status
         ;;
-    test-pythons)
-        shift
-        ensure_apt
-        test_pythons "$@"
-        ;;
     *)
-        echo "usage: bash scripts/dev.sh example|test|test-asan|test-pythons [pytest args]" >&2
+        echo "usage: bash scripts/dev.sh example|test|test-asan [pytest args]" >&2
         exit 2
         ;;
 esac
