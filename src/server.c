@@ -513,6 +513,57 @@ dispatch_event(ServerObject *self, grpc_event ev)
     }
 }
 
+void
+server_defer_write(ServerObject *self, CallObject *call)
+{
+    if (call->write_deferred) {
+        return;
+    }
+    call->write_deferred = 1;
+    call->next_deferred_writer = self->deferred_writers;
+    self->deferred_writers = (CallObject *)Py_NewRef((PyObject *)call);
+}
+
+/* Start the writes deferred since the last empty poll. Returns 1 if there
+ * were any. */
+static int
+resume_deferred_writes(ServerObject *self)
+{
+    CallObject *call = self->deferred_writers;
+    if (call == NULL) {
+        return 0;
+    }
+    self->deferred_writers = NULL;
+    while (call != NULL) {
+        CallObject *next = call->next_deferred_writer;
+        call->next_deferred_writer = NULL;
+        call->write_deferred = 0;
+        call_resume_write(call);
+        if (PyErr_Occurred()) {
+            server_write_unraisable(self, (PyObject *)call);
+        }
+        Py_DECREF(call);
+        call = next;
+    }
+    return 1;
+}
+
+/* Let go of the deferred writers without writing (the server is closing:
+ * their RPCs are over). */
+static void
+clear_deferred_writes(ServerObject *self)
+{
+    CallObject *call = self->deferred_writers;
+    self->deferred_writers = NULL;
+    while (call != NULL) {
+        CallObject *next = call->next_deferred_writer;
+        call->next_deferred_writer = NULL;
+        call->write_deferred = 0;
+        Py_DECREF(call);
+        call = next;
+    }
+}
+
 static PyObject *
 server_drain(ServerObject *self, PyObject *Py_UNUSED(ignored))
 {
@@ -527,6 +578,10 @@ server_drain(ServerObject *self, PyObject *Py_UNUSED(ignored))
     while (n < DRAIN_BUDGET && self->deferred_fatal == NULL) {
         grpc_event ev = bridge_poll(b);
         if (ev.type != GRPC_OP_COMPLETE) {
+            /* The queue is empty: now the streams' next messages go. */
+            if (resume_deferred_writes(self)) {
+                continue;
+            }
             break;
         }
         self->state->counters.events++;
@@ -1134,6 +1189,10 @@ server_traverse(ServerObject *self, visitproc visit, void *arg)
     }
     Py_VISIT(self->shutdown_future);
     Py_VISIT(self->deferred_fatal);
+    for (CallObject *c = self->deferred_writers; c != NULL;
+         c = c->next_deferred_writer) {
+        Py_VISIT((PyObject *)c);
+    }
     Py_VISIT(self->loop);
     Py_VISIT(self->create_task);
     Py_VISIT(self->call_soon);
@@ -1153,6 +1212,7 @@ server_clear(ServerObject *self)
     Py_CLEAR(self->call_soon);
     Py_CLEAR(self->drain_cb);
     Py_CLEAR(self->hooks);
+    clear_deferred_writes(self);
     return 0;
 }
 
