@@ -17,6 +17,15 @@ def _inject_post_failures(n: int) -> None:
     """Test hook: the next n re-posts of a request slot fail as if the core
     refused them (they are reported and retried on the next drain)."""
 
+class Ready:
+    """An awaitable that is already done: ``await`` gives its value without
+    suspending. read() and write() return one when nothing needs to wait
+    (a message that has arrived; a write queue below its high-water mark)."""
+
+    def __await__(self) -> Any: ...
+    def __iter__(self) -> "Ready": ...
+    def __next__(self) -> Any: ...
+
 class Call:
     """One RPC on the server; base class of asyncgrpc.ServicerContext.
     Created only by the server."""
@@ -26,8 +35,15 @@ class Call:
     def time_remaining(self) -> Optional[float]: ...
     def cancelled(self) -> bool: ...
     def done(self) -> bool: ...
-    def read(self) -> Awaitable[Any]: ...
-    def write(self, message: Any) -> Awaitable[None]: ...
+    def read(self) -> Awaitable[Any]:
+        """The next request message (a Ready if it has already arrived, else
+        a future), or asyncgrpc.EOF after the client half-closed."""
+    def write(self, message: Any) -> Awaitable[None]:
+        """Queue a response message: a Ready while the call's write queue is
+        at most 64 KiB, else a future done once it is down to 32 KiB;
+        CancelledError if the RPC is gone."""
+    def _anext(self) -> Awaitable[Any]:
+        """read() for a request iterator: StopAsyncIteration at the end."""
     # used by the Python layer
     _code: int
     _code_obj: Any

@@ -729,6 +729,14 @@ resolve_read(CallObject *self, PyObject *fut, int ok, grpc_byte_buffer *bb)
 {
     PyObject *exc;
     PyObject *value = read_result(self, ok, bb, &exc);
+    if (value == self->server->state->eof && self->read_anext) {
+        /* The future of a request iterator's __anext__(): the end of the
+         * stream ends the `async for`. */
+        exc = PyObject_CallNoArgs(PyExc_StopAsyncIteration);
+        if (exc == NULL) {
+            exc = take_exception();
+        }
+    }
     complete_future(self, fut, value, exc);
     Py_XDECREF(value);
     Py_XDECREF(exc);
@@ -984,12 +992,25 @@ usage_error(CallObject *self, const char *msg)
     return NULL;
 }
 
-/* Call.read() -> awaitable of the next request message (deserialized), or
- * asyncgrpc.EOF once the client has half-closed. A message that has
- * already arrived (read ahead) comes back as a Ready, without suspending;
- * otherwise the awaitable is a future resolved when it lands. */
+/* The end of the stream for next_message(): EOF for read(), and for
+ * __anext__() StopAsyncIteration raised at once. */
 static PyObject *
-call_py_read(CallObject *self, PyObject *Py_UNUSED(ignored))
+end_of_stream(CallObject *self, int anext)
+{
+    if (anext) {
+        PyErr_SetNone(PyExc_StopAsyncIteration);
+        return NULL;
+    }
+    return ready_new(self->server->state, self->server->state->eof);
+}
+
+/* Call.read() and Call._anext(): an awaitable of the next request message
+ * (deserialized). A message that has already arrived (read ahead) comes
+ * back as a Ready, without suspending; otherwise the awaitable is a future
+ * resolved when it lands. At the end of the stream, read() gives EOF and
+ * _anext() (a request iterator's __anext__) raises StopAsyncIteration. */
+static PyObject *
+next_message(CallObject *self, int anext)
 {
     ModuleState *st = self->server->state;
     if (!self->request_streaming) {
@@ -1014,15 +1035,17 @@ call_py_read(CallObject *self, PyObject *Py_UNUSED(ignored))
             PyErr_SetRaisedException_compat(exc);
             return NULL;
         }
-        if (!self->read_eof) {
-            start_read_ahead(self);
+        if (self->read_eof) {
+            Py_DECREF(value);
+            return end_of_stream(self, anext);
         }
+        start_read_ahead(self);
         Py_SETREF(value, ready_new(st, value));
         return value;
     }
     if (self->read_eof) {
         /* After the end of the stream, read() keeps returning EOF. */
-        return ready_new(st, st->eof);
+        return end_of_stream(self, anext);
     }
     if (self->read_op.active) {
         PyObject *prev = self->read_op.future;
@@ -1033,6 +1056,7 @@ call_py_read(CallObject *self, PyObject *Py_UNUSED(ignored))
                 return NULL;
             }
             self->read_ahead = 0;
+            self->read_anext = anext != 0;
             self->read_op.future = Py_NewRef(fut);
             return fut;
         }
@@ -1049,6 +1073,7 @@ call_py_read(CallObject *self, PyObject *Py_UNUSED(ignored))
                 return NULL;
             }
             Py_SETREF(self->read_op.future, Py_NewRef(fut));
+            self->read_anext = anext != 0;
             return fut;
         }
         PyErr_SetString(PyExc_RuntimeError,
@@ -1065,12 +1090,26 @@ call_py_read(CallObject *self, PyObject *Py_UNUSED(ignored))
     op.data.recv_message.recv_message = &self->read_op.recv;
     if (start_batch(self, &op, 1, &self->read_op.tag) < 0) {
         /* the RPC is over */
-        resolve_future(self, fut, st->eof, NULL);
-        return fut;
+        Py_DECREF(fut);
+        self->read_eof = 1;
+        return end_of_stream(self, anext);
     }
     self->read_op.active = 1;
+    self->read_anext = anext != 0;
     self->read_op.future = Py_NewRef(fut);
     return fut;
+}
+
+static PyObject *
+call_py_read(CallObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return next_message(self, 0);
+}
+
+static PyObject *
+call_py_anext(CallObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return next_message(self, 1);
 }
 
 /* Start SEND_MESSAGE of `bb` (consumed) as the write in flight, with the
@@ -1673,6 +1712,9 @@ static PyMethodDef call_methods[] = {
     {"read", (PyCFunction)call_py_read, METH_NOARGS,
      "read(): awaitable of the next request message, or asyncgrpc.EOF after "
      "the client half-closed (request-streaming RPCs)."},
+    {"_anext", (PyCFunction)call_py_anext, METH_NOARGS,
+     "_anext(): read() for a request iterator's __anext__: at the end of "
+     "the stream it raises StopAsyncIteration (or its future does)."},
     {"write", (PyCFunction)call_py_write, METH_O,
      "write(message): awaitable, done once the transport has taken the "
      "message (response-streaming RPCs)."},

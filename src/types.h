@@ -248,6 +248,7 @@ typedef struct CallObject {
     unsigned read_held_ok : 1;   /* ... and the ok of its completion */
     unsigned read_ahead : 1;     /* the RECV in flight has no read() waiting */
     unsigned read_eof : 1;       /* read() has returned EOF */
+    unsigned read_anext : 1;     /* read_op.future is an _anext() one */
     unsigned final_pending : 1;  /* final batch waits for the write queue */
     unsigned write_deferred : 1; /* in the server's deferred_writers list */
     PyObject *weakreflist;

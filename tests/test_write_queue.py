@@ -86,6 +86,16 @@ def _setup(recorder: Recorder):
         again = await context.read()        # after EOF: EOF again
         return b"|".join([first, second, *rest, b"EOF" if again is asyncgrpc.EOF else b"?"])
 
+    async def iterate_twice(request_iterator: Any, context: Any) -> bytes:
+        it = request_iterator.__aiter__()
+        first = await it.__anext__()
+        await asyncio.sleep(0.3)
+        marker = _scheduled_marker()
+        second = await it.__anext__()
+        recorder.add(("iterator_ahead", marker == []))
+        rest = [m async for m in it]
+        return b"|".join([first, second, *rest])
+
     def setup(server: Any) -> None:
         server.add_registered_method_handlers(SERVICE, {
             "Writes": asyncgrpc.unary_stream_rpc_method_handler(writes),
@@ -94,6 +104,7 @@ def _setup(recorder: Recorder):
             "YieldThenCode": asyncgrpc.unary_stream_rpc_method_handler(yield_then_code),
             "BigWrites": asyncgrpc.unary_stream_rpc_method_handler(big_writes),
             "ReadTwice": asyncgrpc.stream_unary_rpc_method_handler(read_twice),
+            "IterateTwice": asyncgrpc.stream_unary_rpc_method_handler(iterate_twice),
         })
     return setup
 
@@ -170,3 +181,13 @@ def test_read_returns_an_arrived_message_without_suspending(
             iter([b"a", b"b", b"c", b"d"]), timeout=10)
     assert reply == b"a|b|c|d|EOF"
     assert recorder.items == [("read_ahead", True)]
+
+
+def test_request_iterator_returns_an_arrived_message_without_suspending(
+        server_thread: ServerThread, recorder: Recorder) -> None:
+    server_thread.start(_setup(recorder))
+    with grpc.insecure_channel(server_thread.target) as channel:
+        method = channel.stream_unary(path("IterateTwice"))
+        assert method(iter([b"a", b"b", b"c", b"d"]), timeout=10) == b"a|b|c|d"
+        assert method(iter([b"a", b"b"]), timeout=10) == b"a|b"
+    assert recorder.items == [("iterator_ahead", True)] * 2
