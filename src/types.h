@@ -102,7 +102,7 @@ typedef struct {
     grpc_event slot;             /* the one event the poller hands over */
     int queue_shutdown_seen;
     /* loop thread only */
-    int pending_empty;           /* the last drain pass ended on an empty poll */
+    int pending_empty;           /* drain passes in a row ending on an empty poll */
     unsigned empty_polls;        /* empty non-blocking polls (see bridge_poll) */
     Counters *counters;          /* module-wide, poller writes under mu */
 } Bridge;
