@@ -6,9 +6,10 @@ the C load generator (`loadgen --method hold`, pinned to CPU 1) open
 `--connections` TCP connections, then `--streams` server-streaming `Hold`
 calls spread over them.  The server answers each with one reply (the client
 waits for it, so every handler is known to run) and then keeps the stream
-open, sending nothing, until the client cancels it.  All streams stay open
-`--hold` seconds, then the client cancels them all; each must end
-CANCELLED, or the run fails.
+open, sending nothing, until the client cancels it.  The streams are opened
+at `--open-rate` per second (default 2000; 0 opens them all at once: a
+burst), stay open `--hold` seconds once all are open, then the client
+cancels them all; each must end CANCELLED, or the run fails.
 
 The server's resident set (VmRSS from /proc/PID/status, all threads) is read
 
@@ -20,7 +21,7 @@ The server's resident set (VmRSS from /proc/PID/status, all threads) is read
 
 and the table reports (open - conns) / streams as the memory per stream.
 
-    python benchmarks/idle_streams.py                      # 10,000 streams
+    python benchmarks/idle_streams.py         # 10,000 streams over 100 connections
     python benchmarks/idle_streams.py --servers asyncgrpc,grpc_aio
     python benchmarks/idle_streams.py --quick              # smoke, ~30 s
 
@@ -67,13 +68,14 @@ class HoldRun:
     the server's memory at each phase the loadgen announces on stderr."""
 
     def __init__(self, ctx, server, streams: int, connections: int,
-                 hold_s: float, open_timeout: float) -> None:
+                 hold_s: float, open_timeout: float, open_rate: float) -> None:
         self.ctx = ctx
         self.server = server
         self.streams = streams
         self.connections = connections
         self.hold_s = hold_s
         self.open_timeout = open_timeout
+        self.open_rate = open_rate
         self.samples: dict = {}
         self.open_samples: list = []
         self.stderr_lines: list = []
@@ -92,7 +94,8 @@ class HoldRun:
              "--inflight", str(per_conn), "--stream-messages", "1",
              "--payload", str(PAYLOAD), "--duration", str(self.hold_s),
              "--open-timeout", str(self.open_timeout), "--wait-stdin",
-             "--json"])
+             "--json"] + (["--rate", str(self.open_rate)] if self.open_rate
+                          else []))
         proc = subprocess.Popen(cmd, stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, preexec_fn=run._die_with_parent)
@@ -193,7 +196,7 @@ def measure(ctx, peer, args) -> dict:
         time.sleep(SETTLE_S)
         idle = read_status(server.pid)
         hold = HoldRun(ctx, server, args.streams, args.connections, args.hold,
-                       args.open_timeout)
+                       args.open_timeout, args.open_rate)
         lg = hold.run()
         time.sleep(AFTER_S)
         if not server.alive():
@@ -210,6 +213,7 @@ def measure(ctx, peer, args) -> dict:
         "streams": n,
         "connections": args.connections,
         "open_s": lg["open_s"],
+        "open_rate": args.open_rate,
         "open_latency_us": lg["latency_us"],
         "rss": {"idle": idle["VmRSS"], "conns": conns["VmRSS"],
                 "open": opened["VmRSS"], "after": after["VmRSS"]},
@@ -255,7 +259,7 @@ def format_table(rows: list) -> str:
     out.append("* VmRSS of the server process; KiB/stream = (open - conns) / "
                "streams; KiB/conn = (conns - idle) / connections;")
     out.append("  open s = time for the client to open every stream and get "
-               "its first reply.")
+               "its first reply (paced by --open-rate).")
     notes = [r for r in rows if r["status"] != "ok"]
     if notes:
         out.append("")
@@ -273,13 +277,18 @@ def parse_args(argv):
                    ", ".join(HOLD_PEERS))
     p.add_argument("--streams", type=int, help="open streams (default 10000)")
     p.add_argument("--connections", type=int,
-                   help="TCP connections they are spread over (default 20)")
+                   help="TCP connections they are spread over (default 100:"
+                        " 100 streams each, the max_concurrent_streams some"
+                        " servers (grpclib) advertise)")
     p.add_argument("--hold", type=float,
                    help="seconds every stream stays open (default 3)")
+    p.add_argument("--open-rate", type=float, default=2000.0,
+                   help="streams opened per second (default 2000; 0: all at "
+                        "once)")
     p.add_argument("--warmup-streams", type=int, default=100,
                    help="streams of the warm-up round (default 100; 0: none)")
-    p.add_argument("--open-timeout", type=float, default=60.0,
-                   help="seconds allowed to open every stream (default 60)")
+    p.add_argument("--open-timeout", type=float, default=30.0,
+                   help="seconds allowed to open every stream (default 30)")
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 500 streams over 5 connections, 1 s hold")
     p.add_argument("--python", default=sys.executable,
@@ -304,7 +313,7 @@ def parse_args(argv):
     if args.streams is None:
         args.streams = 500 if args.quick else 10000
     if args.connections is None:
-        args.connections = 5 if args.quick else 20
+        args.connections = 5 if args.quick else 100
     if args.hold is None:
         args.hold = 1.0 if args.quick else 3.0
     if args.streams < args.connections or args.streams % args.connections:
@@ -331,8 +340,10 @@ def main(argv=None) -> int:
         run.build_loadgen()
         for name in args.server_list:
             peer = peers[name]
-            print("== %s: %d streams over %d connections" % (
-                name, args.streams, args.connections), flush=True)
+            print("== %s: %d streams over %d connections, %s" % (
+                name, args.streams, args.connections,
+                "%g opened per second" % args.open_rate if args.open_rate
+                else "opened all at once"), flush=True)
             try:
                 peer.prepare(ctx)
                 row = measure(ctx, peer, args)
@@ -362,7 +373,8 @@ def main(argv=None) -> int:
         json.dump({"command": ["idle_streams.py"] + (
             argv if argv is not None else sys.argv[1:]),
             "streams": args.streams, "connections": args.connections,
-            "hold_s": args.hold, "results": rows, "errors": errors}, f, indent=1)
+            "hold_s": args.hold, "open_rate": args.open_rate,
+            "results": rows, "errors": errors}, f, indent=1)
     print("wrote %s" % os.path.join(args.out, "results.json"))
     print("elapsed %.0f s" % (time.monotonic() - t0))
     if errors:

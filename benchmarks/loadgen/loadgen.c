@@ -446,20 +446,21 @@ static void finish_rpc(slot_t *s, uint64_t now) {
   }
   if (g_opt.method == M_HOLD) {
     /* the only right end: CANCELLED, by us, after all the replies */
-    if (!s->cancelled_by_us || s->ended_early) {
+    if (!s->cancelled_by_us) {
       note_error(w, "hold stream ended by the server with status %d (%s) "
                  "after %u replies, before the client cancelled it",
                  (int)s->status,
                  (unsigned)s->status < NUM_CODES ? code_names[s->status] : "?",
                  s->msgs);
       ok = 0;
+    } else if (s->msgs != g_opt.stream_messages) {
+      note_error(w, "hold stream still waiting for reply %u of %u when the "
+                 "client cancelled it (not open in time)", s->msgs + 1,
+                 g_opt.stream_messages);
+      ok = 0;
     } else if (s->status != GRPC_STATUS_CANCELLED) {
       note_error(w, "cancelled hold stream ended with status %d, not CANCELLED",
                  (int)s->status);
-      ok = 0;
-    } else if (s->msgs != g_opt.stream_messages) {
-      note_error(w, "hold stream was cancelled after %u replies, before all "
-                 "%u arrived", s->msgs, g_opt.stream_messages);
       ok = 0;
     }
     if (!ok) w->bad_replies++;
@@ -906,8 +907,9 @@ static void parse_args(int argc, char **argv) {
     usage(stderr);
     exit(2);
   }
-  if (g_opt.rate > 0 && (g_opt.method == M_BIDI || g_opt.method == M_HOLD)) {
-    fprintf(stderr, "loadgen: --rate is supported for unary and server_stream\n");
+  if (g_opt.rate > 0 && g_opt.method == M_BIDI) {
+    fprintf(stderr, "loadgen: --rate is supported for unary, server_stream "
+                    "and hold (streams opened per second)\n");
     exit(2);
   }
   if (g_opt.method == M_HOLD && (g_opt.stream_messages == 0 || g_opt.requests)) {
