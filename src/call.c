@@ -34,6 +34,7 @@ static void on_read(Tag *tag, int ok);
 static void on_write(Tag *tag, int ok);
 static void drop_write_queue(CallObject *self);
 static void settle_write_waiter(CallObject *self, int ok);
+static int future_is_done(CallObject *self, PyObject *fut);
 
 /* The write queue's high-water mark: write() returns at once while the
  * messages in flight and queued cost at most this many bytes, and suspends
@@ -675,6 +676,23 @@ call_run_handler(CallObject *self, PyObject *behavior, PyObject *deserializer,
         return;
     }
     self->task = task;
+    if (server->eager_tasks) {
+        /* Started eagerly: a handler that did not suspend is done already,
+         * and its status goes now rather than from a done callback one
+         * loop iteration later. */
+        int done = future_is_done(self, task);
+        if (done < 0) {
+            PyErr_Clear();
+        }
+        else if (done) {
+            PyObject *r = call_on_task_done(self, task);
+            if (r == NULL) {
+                server_write_unraisable(server, task);
+            }
+            Py_XDECREF(r);
+            return;
+        }
+    }
     PyObject *cb = PyObject_GetAttr((PyObject *)self, st->str_on_task_done);
     PyObject *r = cb ? PyObject_CallMethodOneArg(task, st->str_add_done_callback,
                                                  cb) : NULL;

@@ -825,8 +825,9 @@ static PyObject *
 server_start(ServerObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     ModuleState *st = self->state;
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "start(loop, context_class, hooks)");
+    if (nargs != 3 && nargs != 4) {
+        PyErr_SetString(PyExc_TypeError,
+                        "start(loop, context_class, hooks[, task_factory])");
         return NULL;
     }
     if (self->phase != SERVER_NEW) {
@@ -843,7 +844,10 @@ server_start(ServerObject *self, PyObject *const *args, Py_ssize_t nargs)
                         "context_class must be a subclass of _core.Call");
         return NULL;
     }
-    PyObject *create_task = PyObject_GetAttr(loop, st->str_create_task);
+    /* task_factory(coro, name=...) makes each handler's task: on Python
+     * 3.12+ the Python server passes one that starts the task eagerly. */
+    PyObject *create_task = (nargs == 4 && args[3] != Py_None)
+        ? Py_NewRef(args[3]) : PyObject_GetAttr(loop, st->str_create_task);
     PyObject *call_soon = create_task ? PyObject_GetAttr(loop, st->str_call_soon)
                                       : NULL;
     PyObject *drain_cb = call_soon ? PyObject_GetAttr((PyObject *)self,
@@ -888,6 +892,7 @@ server_start(ServerObject *self, PyObject *const *args, Py_ssize_t nargs)
     /* Python-side state first: events may arrive as soon as we start. */
     self->loop = Py_NewRef(loop);
     self->create_task = create_task;
+    self->eager_tasks = nargs == 4 && args[3] != Py_None;
     self->call_soon = call_soon;
     self->drain_cb = drain_cb;
     self->context_class = Py_NewRef(context_class);

@@ -161,7 +161,8 @@ typedef struct ServerObject {
     unsigned fork_generation;    /* server_fork_generation() at creation */
     /* set by start() */
     PyObject *loop;
-    PyObject *create_task;       /* bound loop.create_task */
+    PyObject *create_task;       /* bound loop.create_task, or a task factory */
+    int eager_tasks;             /* ... that may return a task already done */
     PyObject *call_soon;         /* bound loop.call_soon */
     PyObject *drain_cb;          /* bound self._drain */
     PyObject *context_class;     /* subclass of Call to instantiate */
