@@ -105,6 +105,18 @@ typedef struct {
     Counters *counters;          /* module-wide, poller writes under mu */
 } Bridge;
 
+/* ---- metrics (metrics.c) ---- */
+/* Per-server RPC metrics, NULL while off (the default); defined in
+ * metrics.h. Only the loop thread (GIL held) touches it. */
+struct ServerMetrics;
+
+/* What a call needs for its metrics: when it was accepted (CLOCK_MONOTONIC,
+ * in ns; 0 once recorded, or when metrics are off) and its row. */
+typedef struct {
+    uint64_t start_ns;
+    Py_ssize_t row;
+} CallMetrics;
+
 /* ---- server ---- */
 struct ServerObject;
 
@@ -161,6 +173,7 @@ typedef struct ServerObject {
     PyObject *drain_cb;          /* bound self._drain */
     PyObject *context_class;     /* subclass of Call to instantiate */
     PyObject *hooks;             /* Python server: dispatch_generic, handler_error */
+    struct ServerMetrics *metrics;   /* NULL: metrics off (metrics.c) */
     PyObject *weakreflist;
 } ServerObject;
 
@@ -224,6 +237,7 @@ typedef struct CallObject {
     unsigned no_compress_next : 1;   /* disable_next_message_compression() */
     unsigned read_held_set : 1;  /* read_held (maybe NULL: end of stream) waits */
     unsigned read_held_ok : 1;   /* ... and the ok of its completion */
+    CallMetrics metrics;         /* metrics.c; zero while metrics are off */
     PyObject *weakreflist;
 } CallObject;
 
