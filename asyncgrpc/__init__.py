@@ -30,6 +30,8 @@ from ._handlers import (
 from ._interceptors import ServerInterceptor
 from .metrics import enable_metrics
 from ._server import Server, server
+from .health import enable_health
+from .reflection import enable_reflection
 from ._sync import SyncServicerContext
 from .executor import (
     Lanes,
@@ -69,6 +71,8 @@ __all__ = [
     "StatusCode",
     "UsageError",
     "add_servicer",
+    "enable_health",
+    "enable_reflection",
     "method_handlers_generic_handler",
     "server",
     "ssl_server_credentials",
