@@ -281,3 +281,23 @@ def test_port_zero_with_workers_is_refused(serve) -> None:
     s = serve("svc:register", "--bind", "127.0.0.1:0", "--workers", "2")
     assert s.wait(30) == 2
     s.wait_for(r"port 0 cannot be used with --workers 2")
+
+
+def test_health_and_reflection_flags(serve) -> None:
+    """--health serves grpc.health.v1 (SERVING while it runs), --reflection
+    lists the registered services and health."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase)
+
+    s = serve("svc:register", "--bind", "127.0.0.1:0", "--health", "--reflection")
+    (m,) = s.serving(1)
+    target = m.group(3)
+    with grpc.insecure_channel(target) as ch:
+        reply = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(service=""),
+                                                     timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        services = ProtoReflectionDescriptorDatabase(ch).get_services()
+        assert "test.Cli" in services and "grpc.health.v1.Health" in services
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.wait() == 0, s.text()
