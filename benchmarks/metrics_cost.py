@@ -78,10 +78,10 @@ def main() -> int:
               f"p99 {statistics.median(r['latency_us']['p99'] for r in results[on]) / 1000:.1f} ms"
               f"\n      runs: {tput} req/s; {cpu} us/RPC")
     cost = med(True, "server_cpu_us_per_op") - med(False, "server_cpu_us_per_op")
-    slower = 100 * (1 - med(True, "throughput") / med(False, "throughput"))
-    print(f"  metrics on: {cost:+.2f} us of server CPU per RPC "
+    change = 100 * (med(True, "throughput") / med(False, "throughput") - 1)
+    print(f"  metrics on vs off: {cost:+.2f} us of server CPU per RPC "
           f"({100 * cost / med(False, 'server_cpu_us_per_op'):+.1f}%), "
-          f"throughput {slower:+.1f}% lower")
+          f"throughput {change:+.1f}%")
     return 0
 
 
