@@ -260,7 +260,9 @@ class _OtelExporter:
     the Prometheus exporter serves the histogram at no such cost).
     """
 
-    _by_provider: Dict[int, "_OtelExporter"] = {}
+    # provider -> its exporter (weak keys: the exporter does not keep the
+    # provider alive; the provider keeps the exporter through its callbacks)
+    _by_provider: "weakref.WeakKeyDictionary[Any, _OtelExporter]" = weakref.WeakKeyDictionary()
     _lock = threading.Lock()
 
     @classmethod
@@ -271,17 +273,16 @@ class _OtelExporter:
             return None
         provider = meter_provider or otel_metrics.get_meter_provider()
         with cls._lock:
-            exporter = cls._by_provider.get(id(provider))
-            if exporter is None or exporter._provider is not provider:
+            exporter = cls._by_provider.get(provider)
+            if exporter is None:
                 exporter = cls(provider, duration_histogram)
-                cls._by_provider[id(provider)] = exporter
+                cls._by_provider[provider] = exporter
         return exporter
 
     def __init__(self, provider: Any, duration_histogram: bool) -> None:
         from opentelemetry.metrics import Observation
         from . import __version__
 
-        self._provider = provider
         self._Observation = Observation
         self._seen: "weakref.WeakKeyDictionary[Metrics, Dict[Tuple[str, int], Tuple[Tuple[int, ...], float]]]" = \
             weakref.WeakKeyDictionary()

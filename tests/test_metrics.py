@@ -348,6 +348,35 @@ def test_opentelemetry_instruments(server_thread, request) -> None:
         provider.shutdown()
 
 
+def test_opentelemetry_without_the_duration_histogram(server_thread, request) -> None:
+    """otel_duration=False: the counters only (no per-RPC record at
+    collection time)."""
+    pytest.importorskip("opentelemetry.sdk")
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    reader = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[reader])
+    mix = Mix(service_name(request))
+    server_thread.start(lambda s: (mix.register(s), asyncgrpc.enable_metrics(
+        s, meter_provider=provider, otel_duration=False)))
+    try:
+        with grpc.insecure_channel(server_thread.target) as ch:
+            assert ch.unary_unary(mix.path("Echo"))(b"d-1", timeout=10) == b"echo:d-1"
+        wait_idle(server_thread)
+        names = {}
+        for rm in reader.get_metrics_data().resource_metrics:
+            for sm in rm.scope_metrics:
+                for metric in sm.metrics:
+                    for p in metric.data.data_points:
+                        if p.attributes.get("rpc.service") == mix.service:
+                            names[metric.name] = p
+        assert "rpc.server.duration" not in names
+        assert names["asyncgrpc.server.rpcs.handled"].value == 1
+    finally:
+        provider.shutdown()
+
+
 def test_values_for_keeps_buckets_and_sum() -> None:
     """The values recorded into the OTel histogram stay in their buckets
     and add up to the measured sum."""
