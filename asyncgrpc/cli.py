@@ -104,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve the services that the callable MODULE:ATTR registers on a new "
                     "asyncgrpc server (it receives the server; it may be async). MODULE is "
                     "imported with the current directory on sys.path.")
+    serve.set_defaults(subparser=serve)    # for _check_args' messages
     serve.add_argument("target", metavar="MODULE:ATTR",
                        help="e.g. server:register, or pkg.module:add_services")
     serve.add_argument("--bind", action="append", type=_bind_address, metavar="HOST:PORT",
@@ -134,9 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+def _check_args(args: argparse.Namespace) -> None:
     """Refuse what cannot work, with a clear message (exit status 2)."""
-    serve = parser._subparsers._group_actions[0].choices["serve"]  # type: ignore[union-attr]
+    serve: argparse.ArgumentParser = args.subparser
     if not args.bind:
         args.bind = [DEFAULT_BIND]
     if args.workers < 1:
@@ -508,7 +509,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
     args = parser.parse_args(argv)
-    _check_args(parser, args)
+    _check_args(args)
     _setup_logging()
     if args.uvloop:
         try:
