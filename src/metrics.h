@@ -13,9 +13,11 @@
  * RPC ended without one (cancelled by the client, deadline exceeded, server
  * stop: call.c on_recv_close).
  *
- * Plain C, touched only on the loop thread with the GIL held (event
- * handlers and Python API calls), so no atomics. When metrics are off a
- * hook costs one pointer test (start) or one integer test (end).
+ * Plain C, touched only with the GIL held (the hooks run in event handlers
+ * on the loop thread; the Python API may be called from any thread, e.g. a
+ * Prometheus scrape; the poller thread never touches it), so no atomics.
+ * When metrics are off a hook costs one pointer test (start) or one
+ * integer test (end).
  */
 #ifndef ASYNCGRPC_METRICS_H
 #define ASYNCGRPC_METRICS_H

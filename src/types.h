@@ -107,7 +107,8 @@ typedef struct {
 
 /* ---- metrics (metrics.c) ---- */
 /* Per-server RPC metrics, NULL while off (the default); defined in
- * metrics.h. Only the loop thread (GIL held) touches it. */
+ * metrics.h. Touched only with the GIL held: by the loop thread's hooks,
+ * and read by metrics_snapshot() from any thread (never the poller). */
 struct ServerMetrics;
 
 /* What a call needs for its metrics: when it was accepted (CLOCK_MONOTONIC,

@@ -301,3 +301,34 @@ def test_health_and_reflection_flags(serve) -> None:
         assert "test.Cli" in services and "grpc.health.v1.Health" in services
     s.proc.send_signal(signal.SIGTERM)
     assert s.wait() == 0, s.text()
+
+
+def test_readme_greeter_example(tmp_path) -> None:
+    """The README's command: examples/greeter/server.py's register() served
+    by ``python -m asyncgrpc serve server:register`` from the example's
+    directory (a copy, with the stubs generated into it), called with the
+    generated grpcio stub."""
+    import importlib
+    import shutil
+
+    from grpc_tools import protoc
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shutil.copy(os.path.join(root, "examples", "greeter", "server.py"), tmp_path)
+    proto_dir = os.path.join(root, "proto")
+    assert protoc.main(["protoc", f"-I{proto_dir}", f"--python_out={tmp_path}",
+                        f"--grpc_python_out={tmp_path}",
+                        os.path.join(proto_dir, "helloworld.proto")]) == 0
+    s = Served(str(tmp_path), ["server:register", "--bind", f"127.0.0.1:{free_port()}",
+                               "--workers", "2"])
+    try:
+        target = s.serving(2)[0].group(3)
+        pb2 = importlib.import_module("helloworld_pb2")        # tests/_generated
+        pb2_grpc = importlib.import_module("helloworld_pb2_grpc")
+        with grpc.insecure_channel(target) as ch:
+            reply = pb2_grpc.GreeterStub(ch).SayHello(pb2.HelloRequest(name="cli"), timeout=10)
+        assert reply.message == "Hello, cli!"
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.wait() == 0, s.text()
+    finally:
+        s.close()
