@@ -1,5 +1,5 @@
 """Type stubs of the C extension asyncgrpc._core (src/*.c)."""
-from typing import Any, Awaitable, Callable, Optional, Sequence, Tuple
+from typing import Any, Awaitable, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 REQUESTS_PER_METHOD: int
 
@@ -96,3 +96,16 @@ class Server:
     def close(self) -> None: ...
     def _on_wakeup(self) -> None: ...
     def _drain(self) -> None: ...
+    # metrics (src/metrics.c)
+    def enable_metrics(self, known_paths: Iterable[str] = ...) -> None:
+        """Count RPCs by method and status from now on (after every
+        register_method(), before start()); the paths in known_paths get a
+        row of their own when served through the generic path."""
+    def metrics_snapshot(self) -> Optional[MetricsSnapshot]:
+        """None while metrics are off, else {"started": int, "in_flight": int,
+        "bounds": upper bounds in seconds, "rows": ((path or None for other,
+        started, {status code: (bucket counts incl. +Inf, sum of seconds)}),
+        ...)}."""
+
+MetricsRow = Tuple[Optional[str], int, Dict[int, Tuple[Tuple[int, ...], float]]]
+MetricsSnapshot = Dict[str, Any]

@@ -88,6 +88,7 @@ class Server:
         self._stop_cut_short: Optional[asyncio.Event] = None
         self._pid = os.getpid()
         self._terminated: Optional[asyncio.Event] = None
+        self._metrics: Any = None     # asyncgrpc.metrics.Metrics once enabled
         # Run synchronously at the very start of stop(), before GOAWAY and
         # the drain (health turns NOT_SERVING here).
         self._stop_callbacks: List[Callable[[], None]] = []
@@ -175,6 +176,10 @@ class Server:
         loop = asyncio.get_running_loop()
         for path, registration in self._registrations():
             self._core.register_method(path, *registration)
+        if self._metrics is not None:
+            # After every register_method: rows for the registered methods,
+            # then for the other paths served through the generic path.
+            self._core.enable_metrics(tuple(self._registered))
         self._loop = loop
         self._terminated = asyncio.Event()
         self._core.start(loop, ServicerContext, self, _eager_task_factory(loop))

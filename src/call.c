@@ -23,6 +23,7 @@
 
 #include "byte_buffer.h"
 #include "metadata.h"
+#include "metrics.h"
 #include "ready.h"
 #include "server.h"
 #include "utils.h"
@@ -214,6 +215,7 @@ call_dealloc(CallObject *self)
     if (self->counted_active && self->server != NULL) {
         self->server->active_calls--;
     }
+    metrics_rpc_end(self, GRPC_STATUS_CANCELLED);   /* metrics hook: never ended */
     call_clear(self);
     Py_CLEAR(self->server);
     tp->tp_free((PyObject *)self);
@@ -427,11 +429,13 @@ start_final(CallObject *self, grpc_status_code code, PyObject *details,
                 self->call, GRPC_STATUS_INTERNAL,
                 "the server could not send the RPC's status", NULL);
             self->status_sent = 1;
+            metrics_rpc_end(self, GRPC_STATUS_INTERNAL);   /* metrics hook */
         }
         return -1;
     }
     self->status_sent = 1;
     self->initial_md_sent = 1;
+    metrics_rpc_end(self, (int)code);   /* metrics hook: status sent */
     return 0;
 }
 
@@ -500,6 +504,7 @@ on_recv_close(Tag *tag, int ok)
     if (!ok || self->recv_close_cancelled) {
         self->cancelled = 1;
     }
+    metrics_rpc_closed(self);   /* metrics hook: over without a status sent */
     if (self->counted_active) {
         self->counted_active = 0;
         self->server->active_calls--;

@@ -23,6 +23,7 @@
 #include "bridge.h"
 #include "byte_buffer.h"
 #include "call.h"
+#include "metrics.h"
 #include "utils.h"
 
 #define REQUESTS_PER_METHOD 64   /* outstanding requests per registered method */
@@ -437,6 +438,7 @@ on_request(Tag *tag, int ok)
                         "out of memory");
         return;
     }
+    metrics_rpc_start(call);    /* metrics hook: the call is accepted */
     call_start_recv_close(call);
     if (self->max_concurrent > 0 &&
              self->active_calls >= self->max_concurrent) {
@@ -1271,6 +1273,7 @@ server_dealloc(ServerObject *self)
     Py_CLEAR(self->shutdown_future);
     Py_CLEAR(self->context_class);
     Py_CLEAR(self->deferred_fatal);
+    metrics_free(self);         /* metrics hook */
     server_clear(self);
     if (self->state != NULL && self->module != NULL) {
         self->state->live_servers--;
@@ -1294,6 +1297,12 @@ static PyMethodDef server_methods[] = {
      "Cancel every call in flight (after shutdown())."},
     {"close", (PyCFunction)server_close, METH_NOARGS,
      "Release the core server, the poller thread and the eventfd."},
+    /* metrics (metrics.c) */
+    {"enable_metrics", (PyCFunction)(void (*)(void))metrics_py_enable,
+     METH_FASTCALL, "enable_metrics(known_paths=()): count RPCs by method "
+     "and status (after register_method(), before start())."},
+    {"metrics_snapshot", (PyCFunction)metrics_py_snapshot, METH_NOARGS,
+     "The RPC metrics: None while off, else a dict (see _core.pyi)."},
     {"_on_wakeup", (PyCFunction)server_on_wakeup, METH_NOARGS, NULL},
     {"_drain", (PyCFunction)server_drain, METH_NOARGS, NULL},
     {NULL, NULL, 0, NULL},

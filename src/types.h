@@ -107,6 +107,19 @@ typedef struct {
     Counters *counters;          /* module-wide, poller writes under mu */
 } Bridge;
 
+/* ---- metrics (metrics.c) ---- */
+/* Per-server RPC metrics, NULL while off (the default); defined in
+ * metrics.h. Touched only with the GIL held: by the loop thread's hooks,
+ * and read by metrics_snapshot() from any thread (never the poller). */
+struct ServerMetrics;
+
+/* What a call needs for its metrics: when it was accepted (CLOCK_MONOTONIC,
+ * in ns; 0 once recorded, or when metrics are off) and its row. */
+typedef struct {
+    uint64_t start_ns;
+    Py_ssize_t row;
+} CallMetrics;
+
 /* ---- server ---- */
 struct ServerObject;
 
@@ -167,6 +180,7 @@ typedef struct ServerObject {
     PyObject *drain_cb;          /* bound self._drain */
     PyObject *context_class;     /* subclass of Call to instantiate */
     PyObject *hooks;             /* Python server: dispatch_generic, handler_error */
+    struct ServerMetrics *metrics;   /* NULL: metrics off (metrics.c) */
     PyObject *weakreflist;
 } ServerObject;
 
@@ -252,6 +266,7 @@ typedef struct CallObject {
     unsigned read_anext : 1;     /* read_op.future is an _anext() one */
     unsigned final_pending : 1;  /* final batch waits for the write queue */
     unsigned write_deferred : 1; /* in the server's deferred_writers list */
+    CallMetrics metrics;         /* metrics.c; zero while metrics are off */
     PyObject *weakreflist;
 } CallObject;
 
