@@ -30,13 +30,17 @@
 #define GENERIC_REQUESTS 8       /* outstanding requests for unknown paths */
 #define DRAIN_BUDGET 256         /* events per drain pass before yielding */
 /* Drain passes in a row that find the queue empty before the baton goes
- * back to the poller. One is not enough at one RPC in flight: the handler's
- * task finishes a loop iteration after its request, and its status goes one
- * iteration later still; handing back in between costs a futex wake, an
- * eventfd write and read and two thread switches per RPC (strace, unary
- * 1x1: 17.7 syscalls per RPC with 1 pass, 8.3 with 2 or 3). */
+ * back to the poller, and whether the polls of those passes always look at
+ * the sockets (LOOK_WHEN_IDLE). Measured at one RPC in flight (RESULTS.md,
+ * "Speed, round two"): two passes save the futex wake, the eventfd write
+ * and read and two thread switches per RPC (strace: 17.7 -> 8.3 syscalls
+ * per RPC), but the requests that arrive during the extra passes wait for
+ * a poll that looks at the sockets, and throughput went down, not up. */
 #ifndef IDLE_PASSES
-#define IDLE_PASSES 2
+#define IDLE_PASSES 1
+#endif
+#ifndef LOOK_WHEN_IDLE
+#define LOOK_WHEN_IDLE 0
 #endif
 
 static void on_request(Tag *tag, int ok);
@@ -587,7 +591,10 @@ server_drain(ServerObject *self, PyObject *Py_UNUSED(ignored))
     retry_unposted(self);
     int n = 0;
     while (n < DRAIN_BUDGET && self->deferred_fatal == NULL) {
-        grpc_event ev = bridge_poll(b);
+        /* In the passes that follow a quiet one (the loop is about to idle),
+         * every empty answer looks at the sockets: a request that arrives
+         * then is seen at once instead of after up to four polls. */
+        grpc_event ev = bridge_poll(b, LOOK_WHEN_IDLE && n == 0 && b->pending_empty > 0);
         if (ev.type != GRPC_OP_COMPLETE) {
             /* The queue is empty: now the streams' next messages go. */
             if (resume_deferred_writes(self)) {
