@@ -28,6 +28,7 @@ from ._handlers import (
     unary_unary_rpc_method_handler,
 )
 from ._interceptors import ServerInterceptor
+from .metrics import enable_metrics
 from ._server import Server, server
 from .health import enable_health
 from .reflection import enable_reflection
@@ -56,6 +57,7 @@ __all__ = [
     "RemoteTraceback",
     "WorkerCrashedError",
     "cpu_bound",
+    "enable_metrics",
     "run_in_process",
     "run_in_thread",
     "HandlerCallDetails",

@@ -4,8 +4,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import functools
 import logging
 import os
+import sys
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import _compat, _core, _watchdog, executor
@@ -86,6 +88,7 @@ class Server:
         self._stop_cut_short: Optional[asyncio.Event] = None
         self._pid = os.getpid()
         self._terminated: Optional[asyncio.Event] = None
+        self._metrics: Any = None     # asyncgrpc.metrics.Metrics once enabled
         # Run synchronously at the very start of stop(), before GOAWAY and
         # the drain (health turns NOT_SERVING here).
         self._stop_callbacks: List[Callable[[], None]] = []
@@ -173,9 +176,13 @@ class Server:
         loop = asyncio.get_running_loop()
         for path, registration in self._registrations():
             self._core.register_method(path, *registration)
+        if self._metrics is not None:
+            # After every register_method: rows for the registered methods,
+            # then for the other paths served through the generic path.
+            self._core.enable_metrics(tuple(self._registered))
         self._loop = loop
         self._terminated = asyncio.Event()
-        self._core.start(loop, ServicerContext, self)
+        self._core.start(loop, ServicerContext, self, _eager_task_factory(loop))
         self._pid = os.getpid()
         self._started = True
         self._lanes.start()
@@ -432,6 +439,18 @@ class Server:
         else:
             _LOGGER.error("%s error in %s", kind, method, exc_info=exc)
         return None
+
+
+def _eager_task_factory(loop: asyncio.AbstractEventLoop) -> Optional[Any]:
+    """On Python 3.12+, the factory of the handlers' tasks: a task starts
+    eagerly (its first step runs at once), so a handler that finishes
+    without suspending costs no scheduled step and no done callback, and
+    ``asyncio.current_task()`` inside it is still its task. None (the
+    loop's create_task) on 3.11, or if the loop has a task factory of its
+    own, which is then respected."""
+    if sys.version_info < (3, 12) or loop.get_task_factory() is not None:
+        return None
+    return functools.partial(asyncio.Task, loop=loop, eager_start=True)
 
 
 def _in_context(behavior: Any, context: contextvars.Context) -> Any:
