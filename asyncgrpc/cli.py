@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 __all__ = ["DEFAULT_BIND", "DEFAULT_GRACE", "TargetError", "build_parser", "load_target", "main"]
 
@@ -85,6 +85,18 @@ def _bind_address(value: str) -> str:
     return value
 
 
+def _channel_option(value: str) -> Tuple[str, Union[int, str]]:
+    """argparse type of --option: KEY=VALUE, the value an int if it is one."""
+    key, sep, raw = value.partition("=")
+    if not sep or not key or "\0" in value:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not KEY=VALUE (e.g. grpc.max_connection_age_ms=300000)")
+    try:
+        return key, int(raw)
+    except ValueError:
+        return key, raw
+
+
 def _port_of(address: str) -> int:
     return int(address.rpartition(":")[2])
 
@@ -122,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="on SIGTERM/SIGINT, seconds the RPCs in flight get to finish "
                             f"before they are cancelled (default {DEFAULT_GRACE:g}); a second "
                             "signal cancels them at once")
+    serve.add_argument("--option", action="append", type=_channel_option, default=[],
+                       metavar="KEY=VALUE", dest="options",
+                       help="a gRPC core channel argument of the server, e.g. "
+                            "grpc.max_connection_age_ms=300000 (integers are passed as "
+                            "integers); repeat for more")
     serve.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                        help="turn RPC metrics on and serve them for Prometheus at "
                             "http://ADDR:PORT/metrics; with N workers, worker k (0..N-1) "
@@ -238,7 +255,7 @@ async def _serve(args: argparse.Namespace, target: Callable[[Any], Any]) -> int:
     # SO_REUSEPORT only for workers: a lone server keeps the core's default
     # here (off), so a second server on its port fails instead of sharing it.
     options = [("grpc.so_reuseport", 1)] if worker else []
-    server = asyncgrpc.server(options=options)
+    server = asyncgrpc.server(options=[*options, *args.options])
     result = target(server)
     if inspect.isawaitable(result):
         await result

@@ -283,6 +283,27 @@ def test_port_zero_with_workers_is_refused(serve) -> None:
     s.wait_for(r"port 0 cannot be used with --workers 2")
 
 
+def test_option_flag_sets_channel_arguments(serve) -> None:
+    """--option KEY=VALUE reaches the server's core (an integer as an
+    integer): a receive limit of 64 bytes refuses a larger request with
+    RESOURCE_EXHAUSTED, in one process and in workers; a malformed option
+    exits 2."""
+    for workers in ("1", "2"):
+        port = "0" if workers == "1" else str(free_port())
+        s = serve("svc:register", "--bind", f"127.0.0.1:{port}", "--workers", workers,
+                  "--option", "grpc.max_receive_message_length=64")
+        target = s.serving(int(workers))[0].group(3)
+        assert call(target, "WhoAmI", b"small").startswith(b"small:")
+        with pytest.raises(grpc.RpcError) as info:
+            call(target, "WhoAmI", b"x" * 100)
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value
+        s.proc.send_signal(signal.SIGTERM)
+        assert s.wait() == 0, s.text()
+    bad = serve("svc:register", "--bind", "127.0.0.1:0", "--option", "no-equals-sign")
+    assert bad.wait(30) == 2
+    bad.wait_for(r"is not KEY=VALUE")
+
+
 def test_health_and_reflection_flags(serve) -> None:
     """--health serves grpc.health.v1 (SERVING while it runs), --reflection
     lists the registered services and health."""
