@@ -8,8 +8,8 @@ extension ``asyncgrpc._core``. It links one of two gRPC C cores:
   which carries known vulnerabilities; see README, "Which gRPC core").
 * with ``ASYNCGRPC_BUNDLED_CORE=1``, a current core compiled from the
   pinned grpcio sdist (scripts/build_core.py: version and sha256 pinned
-  there, build cached in ``~/.cache/asyncgrpc``, 30-60 minutes on two cores
-  the first time) and linked statically with its symbols hidden
+  there, build cached in ``~/.cache/asyncgrpc``: about 11 minutes on two
+  vCPUs the first time, seconds afterwards) and linked statically with its symbols hidden
   (``-fvisibility=hidden``, ``-Wl,--exclude-libs,ALL``, a version script
   exporting only ``PyInit__core``, static libstdc++): the extension then
   needs no libgrpc/libssl/libabsl at run time and lives beside grpcio in

@@ -28,7 +28,10 @@ from ._handlers import (
     unary_unary_rpc_method_handler,
 )
 from ._interceptors import ServerInterceptor
+from .metrics import enable_metrics
 from ._server import Server, server
+from .health import enable_health
+from .reflection import enable_reflection
 from ._sync import SyncServicerContext
 from .executor import (
     Lanes,
@@ -54,6 +57,7 @@ __all__ = [
     "RemoteTraceback",
     "WorkerCrashedError",
     "cpu_bound",
+    "enable_metrics",
     "run_in_process",
     "run_in_thread",
     "HandlerCallDetails",
@@ -68,6 +72,8 @@ __all__ = [
     "UsageError",
     "add_servicer",
     "core_version",
+    "enable_health",
+    "enable_reflection",
     "method_handlers_generic_handler",
     "server",
     "ssl_server_credentials",

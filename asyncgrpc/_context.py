@@ -98,8 +98,9 @@ class ServicerContext(_core.Call):
     grpc.aio.ServicerContext)`` is True. ``peer()``, ``time_remaining()``,
     ``cancelled()``, ``done()``, and the streaming ``read()`` (awaitable of
     the next request, or ``asyncgrpc.EOF`` after the client half-closed) and
-    ``write(message)`` (awaitable, done once the transport has taken the
-    message: back-pressure) are implemented in C by the base class.
+    ``write(message)`` (awaitable: done at once while the call's write
+    queue holds at most 64 KiB, else once the transport has taken it down to
+    32 KiB: back-pressure) are implemented in C by the base class.
     """
 
     # _md: invocation_metadata() as Metadatum items, made on first use.

@@ -1,5 +1,5 @@
 """Type stubs of the C extension asyncgrpc._core (src/*.c)."""
-from typing import Any, Awaitable, Callable, Optional, Sequence, Tuple
+from typing import Any, Awaitable, Callable, Dict, Iterable, Optional, Sequence, Tuple
 
 REQUESTS_PER_METHOD: int
 BUNDLED_CORE: Optional[str]
@@ -24,6 +24,15 @@ def _inject_post_failures(n: int) -> None:
     """Test hook: the next n re-posts of a request slot fail as if the core
     refused them (they are reported and retried on the next drain)."""
 
+class Ready:
+    """An awaitable that is already done: ``await`` gives its value without
+    suspending. read() and write() return one when nothing needs to wait
+    (a message that has arrived; a write queue below its high-water mark)."""
+
+    def __await__(self) -> Any: ...
+    def __iter__(self) -> "Ready": ...
+    def __next__(self) -> Any: ...
+
 class Call:
     """One RPC on the server; base class of asyncgrpc.ServicerContext.
     Created only by the server."""
@@ -33,8 +42,15 @@ class Call:
     def time_remaining(self) -> Optional[float]: ...
     def cancelled(self) -> bool: ...
     def done(self) -> bool: ...
-    def read(self) -> Awaitable[Any]: ...
-    def write(self, message: Any) -> Awaitable[None]: ...
+    def read(self) -> Awaitable[Any]:
+        """The next request message (a Ready if it has already arrived, else
+        a future), or asyncgrpc.EOF after the client half-closed."""
+    def write(self, message: Any) -> Awaitable[None]:
+        """Queue a response message: a Ready while the call's write queue is
+        at most 64 KiB, else a future done once it is down to 32 KiB;
+        CancelledError if the RPC is gone."""
+    def _anext(self) -> Awaitable[Any]:
+        """read() for a request iterator: StopAsyncIteration at the end."""
     # used by the Python layer
     _code: int
     _code_obj: Any
@@ -77,9 +93,26 @@ class Server:
                         deserializer: Optional[Callable[[bytes], Any]],
                         serializer: Optional[Callable[[Any], bytes]],
                         request_streaming: bool, response_streaming: bool) -> None: ...
-    def start(self, loop: Any, context_class: type, hooks: Any) -> None: ...
+    def start(self, loop: Any, context_class: type, hooks: Any,
+              task_factory: Optional[Callable[..., Any]] = None) -> None:
+        """Serve on ``loop``. Each handler runs in ``task_factory(coro,
+        name=path)`` (default ``loop.create_task``); with a factory given, a
+        task that is done when made is finished at once."""
     def shutdown(self) -> Any: ...
     def cancel_all_calls(self) -> None: ...
     def close(self) -> None: ...
     def _on_wakeup(self) -> None: ...
     def _drain(self) -> None: ...
+    # metrics (src/metrics.c)
+    def enable_metrics(self, known_paths: Iterable[str] = ...) -> None:
+        """Count RPCs by method and status from now on (after every
+        register_method(), before start()); the paths in known_paths get a
+        row of their own when served through the generic path."""
+    def metrics_snapshot(self) -> Optional[MetricsSnapshot]:
+        """None while metrics are off, else {"started": int, "in_flight": int,
+        "bounds": upper bounds in seconds, "rows": ((path or None for other,
+        started, {status code: (bucket counts incl. +Inf, sum of seconds)}),
+        ...)}."""
+
+MetricsRow = Tuple[Optional[str], int, Dict[int, Tuple[Tuple[int, ...], float]]]
+MetricsSnapshot = Dict[str, Any]

@@ -4,9 +4,11 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextvars
+import functools
 import logging
 import os
-from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
+import sys
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from . import _compat, _core, _watchdog, executor
 from ._context import ServicerContext
@@ -51,6 +53,8 @@ class Server:
         process_workers: Optional[int] = None,
         thread_workers: Optional[int] = None,
         blocked_loop_threshold: Optional[float] = 0.1,
+        health: bool = False,
+        reflection: bool = False,
     ) -> None:
         _compat.register_with_grpc(Server)
         self._interceptors = check_interceptors(interceptors or ())
@@ -84,8 +88,18 @@ class Server:
         self._stop_cut_short: Optional[asyncio.Event] = None
         self._pid = os.getpid()
         self._terminated: Optional[asyncio.Event] = None
+        self._metrics: Any = None     # asyncgrpc.metrics.Metrics once enabled
+        # Run synchronously at the very start of stop(), before GOAWAY and
+        # the drain (health turns NOT_SERVING here).
+        self._stop_callbacks: List[Callable[[], None]] = []
         if handlers:
             self.add_generic_rpc_handlers(handlers)
+        if health:
+            from .health import enable_health
+            enable_health(self)
+        if reflection:
+            from .reflection import enable_reflection
+            enable_reflection(self)
 
     # -- configuration -------------------------------------------------
     def add_generic_rpc_handlers(self, generic_rpc_handlers: Iterable[Any]) -> None:
@@ -137,6 +151,20 @@ class Server:
                             f"not {kind.__name__}")
         return self._core.add_http2_port(address, server_credentials._spec)
 
+    def add_stop_callback(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` synchronously at the very start of the first
+        ``stop()``, before GOAWAY is sent and the drain begins (e.g. to turn
+        health checks NOT_SERVING). Exceptions are logged."""
+        self._stop_callbacks.append(callback)
+
+    def _run_stop_callbacks(self) -> None:
+        callbacks, self._stop_callbacks = self._stop_callbacks, []
+        for callback in callbacks:
+            try:
+                callback()
+            except Exception:
+                _LOGGER.exception("stop callback %r failed", callback)
+
     def _check_not_started(self) -> None:
         if self._started:
             raise RuntimeError("the server is already started")
@@ -148,9 +176,13 @@ class Server:
         loop = asyncio.get_running_loop()
         for path, registration in self._registrations():
             self._core.register_method(path, *registration)
+        if self._metrics is not None:
+            # After every register_method: rows for the registered methods,
+            # then for the other paths served through the generic path.
+            self._core.enable_metrics(tuple(self._registered))
         self._loop = loop
         self._terminated = asyncio.Event()
-        self._core.start(loop, ServicerContext, self)
+        self._core.start(loop, ServicerContext, self, _eager_task_factory(loop))
         self._pid = os.getpid()
         self._started = True
         self._lanes.start()
@@ -159,11 +191,13 @@ class Server:
         self._watchdog.start()
 
     async def stop(self, grace: Optional[float]) -> None:
-        """Stop: send GOAWAY at once (clients start no new RPCs here and
+        """Stop: run the stop callbacks (health turns NOT_SERVING), send
+        GOAWAY at once (clients start no new RPCs here and
         move to other backends; the listening sockets close), let the RPCs in
         flight finish within ``grace`` seconds, then cancel the rest.
         ``stop(None)`` cancels at once; a later call with a shorter grace
         cuts a running one short."""
+        self._run_stop_callbacks()
         if not self._started:
             self._core.close()
             self._lanes.shutdown()
@@ -407,6 +441,18 @@ class Server:
         return None
 
 
+def _eager_task_factory(loop: asyncio.AbstractEventLoop) -> Optional[Any]:
+    """On Python 3.12+, the factory of the handlers' tasks: a task starts
+    eagerly (its first step runs at once), so a handler that finishes
+    without suspending costs no scheduled step and no done callback, and
+    ``asyncio.current_task()`` inside it is still its task. None (the
+    loop's create_task) on 3.11, or if the loop has a task factory of its
+    own, which is then respected."""
+    if sys.version_info < (3, 12) or loop.get_task_factory() is not None:
+        return None
+    return functools.partial(asyncio.Task, loop=loop, eager_start=True)
+
+
 def _in_context(behavior: Any, context: contextvars.Context) -> Any:
     """``behavior`` run in a task of its own in ``context``."""
     async def run(request: Any, servicer_context: ServicerContext) -> Any:
@@ -426,6 +472,8 @@ def server(
     process_workers: Optional[int] = None,
     thread_workers: Optional[int] = None,
     blocked_loop_threshold: Optional[float] = 0.1,
+    health: bool = False,
+    reflection: bool = False,
 ) -> Server:
     """Create a server; the drop-in replacement of ``grpc.aio.server()``.
 
@@ -453,6 +501,10 @@ def server(
         blocked_loop_threshold: seconds the event loop may go without
             turning before a warning names the running handler; None or 0
             turns the watchdog off.
+        health: serve ``grpc.health.v1.Health`` (see
+            :func:`asyncgrpc.enable_health`; call it to get the servicer).
+        reflection: serve gRPC server reflection for the registered services
+            (see :func:`asyncgrpc.enable_reflection`).
     """
     wrapped = _compat.interceptors_from_grpc_aio_wrappers(interceptors)
     if wrapped is not None:
@@ -460,4 +512,5 @@ def server(
     return Server(migration_thread_pool, handlers, interceptors, options,
                   maximum_concurrent_rpcs, compression,
                   process_workers=process_workers, thread_workers=thread_workers,
-                  blocked_loop_threshold=blocked_loop_threshold)
+                  blocked_loop_threshold=blocked_loop_threshold,
+                  health=health, reflection=reflection)

@@ -1,8 +1,9 @@
 """The drivers that run each handler kind, and the request iterator.
 
-Streaming messages travel through the C call (``read``/``write``), one batch
-per message; a write returns once the transport has taken the message, so a
-slow client slows the handler instead of growing memory. Handlers that are
+Streaming messages travel through the C call (``read``/``write``): a write
+joins the call's write queue and returns at once below its high-water mark
+(64 KiB), so a slow client slows the handler instead of growing memory; a
+read returns a message that has already arrived without suspending. Handlers that are
 plain functions or generators run on the migration thread pool with a
 synchronous context (``_sync``)."""
 from __future__ import annotations
@@ -11,7 +12,7 @@ import asyncio
 import inspect
 from typing import Any, Callable, Optional
 
-from ._context import EOF, ServicerContext
+from ._context import ServicerContext
 from ._sync import BlockingRequestIterator, SyncServicerContext
 
 __all__ = ["RequestIterator", "driver_for", "is_async_handler"]
@@ -37,11 +38,10 @@ class RequestIterator:
     def __aiter__(self) -> "RequestIterator":
         return self
 
-    async def __anext__(self) -> Any:
-        message = await self._context.read()
-        if message is EOF:
-            raise StopAsyncIteration
-        return message
+    def __anext__(self) -> Any:
+        # No coroutine of its own: the C call gives the awaitable (a Ready
+        # for a message that has arrived), and StopAsyncIteration at the end.
+        return self._context._anext()
 
 
 async def _write_all(responses: Any, context: ServicerContext,

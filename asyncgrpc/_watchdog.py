@@ -85,6 +85,7 @@ class Watchdog:
         self._reported_beat: float | None = None  # the stale beat already reported
         self._stalls = 0
         self._longest = 0.0
+        self._lag = 0.0  # how late the last heartbeat ran (event-loop lag)
         self._loop_thread_id: int | None = None
         self._handle: asyncio.TimerHandle | None = None
         self._running = False
@@ -101,6 +102,12 @@ class Watchdog:
     def stalls(self) -> int:
         """How many stalls were seen since start."""
         return self._stalls
+
+    @property
+    def lag(self) -> float:
+        """Event-loop lag: how many seconds late the last heartbeat ran
+        (0.0 before the first one); asyncgrpc.metrics reports it."""
+        return self._lag
 
     def stats(self) -> dict[str, Any]:
         """For the server's stats API."""
@@ -158,6 +165,7 @@ class Watchdog:
         prev, self._beat = self._beat, now
         assert self.threshold is not None
         late = now - prev - self._interval
+        self._lag = max(late, 0.0)
         if late > self.threshold:
             self._longest = max(self._longest, late)
             with self._lock:

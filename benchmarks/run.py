@@ -96,6 +96,13 @@ SCENARIOS = [
     Scenario("bidi_2x8", "bidi", 2, 8, stream_messages=1000,
              description="bidi ping-pong, 2 connections x 8 streams, "
                          "1000 messages per stream"),
+    Scenario("unary_50x20", "unary", 50, 20,
+             description="unary, 50 connections x 20 in flight (1000 RPCs "
+                         "in flight): many connections"),
+    Scenario("stream_10x20", "server_stream", 10, 20, stream_messages=100,
+             description="server streaming, 10 connections x 20 streams "
+                         "(200 concurrent streams), 100 x 16 B replies per "
+                         "stream"),
     # not run by default; ask for them with --scenarios
     Scenario("unary_1x32", "unary", 1, 32,
              description="unary, 1 connection x 32 in flight"),
@@ -103,7 +110,8 @@ SCENARIOS = [
              description="unary open loop at 2000 req/s over 4 connections "
                          "(latency from the intended send time)"),
 ]
-DEFAULT_SCENARIOS = ["unary_1x1", "unary_10x10", "stream_2x4", "bidi_2x8"]
+DEFAULT_SCENARIOS = ["unary_1x1", "unary_10x10", "stream_2x4", "bidi_2x8",
+                     "unary_50x20", "stream_10x20"]
 SCENARIO_BY_NAME = {s.name: s for s in SCENARIOS}
 
 
@@ -196,6 +204,7 @@ class Peer:
       extra_stats(ctx, srv) after each measured run, while the server still
                             runs: a dict of implementation-specific counters
                             to store with the result, or None
+      scenario_note(sc)     a caveat printed under the table, or None
     """
 
     name = None
@@ -211,6 +220,11 @@ class Peer:
         return dict(os.environ)
 
     def extra_stats(self, ctx, server):
+        return None
+
+    def scenario_note(self, scenario):
+        """A caveat to print under the table for this peer in `scenario`
+        (e.g. a method it does not serve natively), or None."""
         return None
 
 
@@ -317,8 +331,33 @@ class AsyncgrpcUvloopPeer(AsyncgrpcPeer):
     name, label, loop = "asyncgrpc_uvloop", "asyncgrpc+uvloop", "uvloop"
 
 
+class PygrpcNativePeer(PythonPeer):
+    """pygrpc-native (PyPI pygrpc-native): HTTP/2 and gRPC in Rust threads,
+    grpcio's server API.  It serves unary and server-streaming methods
+    itself and relays the others (bidi) to a grpcio server behind it."""
+
+    needs = ("grpc", "pygrpc_native")
+
+    def scenario_note(self, scenario):
+        if scenario.method == "bidi":
+            return ("bidi is relayed by pygrpc-native to a grpcio server "
+                    "behind it (not served natively)")
+        return None
+
+
+class PygrpcNativeAioPeer(PygrpcNativePeer):
+    name, label, script = ("pygrpc_native_aio", "pygrpc-native aio",
+                           "pygrpc_native_aio_server.py")
+
+
+class PygrpcNativeSyncPeer(PygrpcNativePeer):
+    name, label, script = ("pygrpc_native_sync", "pygrpc-native sync",
+                           "pygrpc_native_sync_server.py")
+
+
 PEER_CLASSES = [CppPeer, GrpcAioPeer, GrpcSyncPeer, GrpclibPeer,
-                AsyncgrpcPeer, AsyncgrpcUvloopPeer]
+                AsyncgrpcPeer, AsyncgrpcUvloopPeer, PygrpcNativeAioPeer,
+                PygrpcNativeSyncPeer]
 PEER_NAMES = [c.name for c in PEER_CLASSES]
 
 
@@ -628,6 +667,8 @@ def format_table(results, scenarios):
             notes.append("%s: %s" % (key, r["error"].splitlines()[0]
                                      if r.get("error") else r["status"]))
             continue
+        if r.get("note"):
+            notes.append("%s: %s" % (key, r["note"]))
         open_loop = r["loadgen"].get("rate", 0) > 0  # the loadgen spins
         if (r["client_cpu_util"] > 0.9 and r["server_cpu_util"] < 0.9
                 and not open_loop):
@@ -683,7 +724,7 @@ def write_plots(results, scenarios, servers, out_dir):
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
 
-    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    fig, axes = plt.subplots(1, 2, figsize=(max(13, 3 * len(scen)), 5))
     bars(axes[0], lambda r: r["throughput"], "requests or messages per second",
          "Throughput (log scale)", log=True)
     bars(axes[1], lambda r: r["server_cpu_us_per_op"],
@@ -840,6 +881,9 @@ def main(argv=None):
                     res = measure(ctx, peer, sc, tag, args.repeat)
                     row.update(res)
                     row["status"] = "ok"
+                    note = peer.scenario_note(sc)
+                    if note:
+                        row["note"] = note
                     print("   %-14s %12s %-6s p50 %8s us  p99 %8s us  "
                           "%7s us CPU/op" % (
                               sc.name, fmt_num(res["throughput"]), sc.unit,

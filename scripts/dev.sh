@@ -3,6 +3,12 @@
 #
 #   bash scripts/dev.sh example    set up, build, run the greeter example
 #   bash scripts/dev.sh test       set up, build, run the whole test suite
+#   bash scripts/dev.sh test-pythons
+#                                  for Python 3.12 and 3.13 (pyenv or on PATH):
+#                                  a venv .venv-3.X with the package and its
+#                                  test dependencies, and the core tests
+#                                  (default tests/test_unary.py and
+#                                  tests/test_streaming.py, or the given ones)
 #   bash scripts/dev.sh test-asan  rebuild with AddressSanitizer+UBSan, run
 #                                  the suite, then rebuild the normal way
 #   bash scripts/dev.sh test-bundled [pytest args]
@@ -34,6 +40,12 @@ BUNDLED_TESTS=(tests/test_unary.py tests/test_streaming.py tests/test_lifecycle.
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
+# Installed for their programs only: tests start their own processes
+# (tests/test_nginx.py runs nginx with its own config on 127.0.0.1), so the
+# system services these packages bring are neither started nor enabled.
+NO_SERVICE_PACKAGES=(nginx)
+APT_PACKAGES+=("${NO_SERVICE_PACKAGES[@]}")
+
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
 }
@@ -57,7 +69,28 @@ ensure_apt() {
         fi
         log "apt-get install ${missing[*]}"
         as_root apt-get update -qq
-        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+        apt_install_no_services "${missing[@]}"
+    fi
+}
+
+apt_install_no_services() {
+    # policy-rc.d answering 101 is Debian's way to keep maintainer scripts
+    # from starting services; put one in place for the install if there is
+    # none, and disable the units systemd would start at the next boot.
+    local policy=/usr/sbin/policy-rc.d added="" status=0 pkg
+    if [ ! -e "$policy" ]; then
+        as_root sh -c "printf '#!/bin/sh\nexit 101\n' > $policy && chmod 755 $policy"
+        added=1
+    fi
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null || status=$?
+    if [ -n "$added" ]; then as_root rm -f "$policy"; fi
+    [ "$status" -eq 0 ] || exit "$status"
+    if [ -d /run/systemd/system ]; then
+        for pkg in "${NO_SERVICE_PACKAGES[@]}"; do
+            if printf '%s\n' "$@" | grep -qx "$pkg"; then
+                as_root systemctl disable --now "$pkg" >/dev/null 2>&1 || true
+            fi
+        done
     fi
 }
 
@@ -94,10 +127,65 @@ asan_runtime() {
     gcc -print-file-name=libasan.so
 }
 
+find_python() {
+    # The python3.X of pyenv if it has one, else python3.X on PATH.
+    local version=$1 root candidate
+    if command -v pyenv >/dev/null; then
+        root=$(pyenv root)
+        for candidate in $(ls -d "$root"/versions/"$version".* 2>/dev/null | sort -V -r); do
+            if [ -x "$candidate/bin/python$version" ]; then
+                echo "$candidate/bin/python$version"; return 0
+            fi
+        done
+    fi
+    candidate=$(command -v "python$version" 2>/dev/null) || return 1
+    # A pyenv shim answers for versions it does not have: ask it.
+    "$candidate" -c 'import sys' >/dev/null 2>&1 || return 1
+    echo "$candidate"
+}
+
+test_pythons() {
+    local version py venv stamp status=0 started
+    local tests=("$@")
+    [ ${#tests[@]} -gt 0 ] || tests=(tests/test_unary.py tests/test_streaming.py)
+    for version in 3.12 3.13; do
+        if ! py=$(find_python "$version"); then
+            echo "SKIP Python $version: not found (neither in pyenv nor python$version on PATH)"
+            continue
+        fi
+        started=$SECONDS
+        venv="$ROOT/.venv-$version"
+        stamp="$venv/.asyncgrpc-installed"
+        if [ ! -x "$venv/bin/python" ]; then
+            log "creating $venv ($py)"
+            "$py" -m venv "$venv"
+        fi
+        # The editable install builds _core.cpython-3X-*.so beside the
+        # other versions' in asyncgrpc/; rebuild when the sources changed.
+        if [ ! -f "$stamp" ] || [ -n "$(find setup.py pyproject.toml src asyncgrpc -newer "$stamp" \
+                -type f \( -name '*.c' -o -name '*.h' -o -name '*.py' -o -name '*.toml' \) | head -1)" ] \
+                || ! "$venv/bin/python" -c 'import asyncgrpc._core' >/dev/null 2>&1; then
+            log "installing asyncgrpc and its test dependencies into $venv"
+            "$venv/bin/python" -m pip install -q --upgrade pip setuptools wheel
+            "$venv/bin/python" -m pip install -q -e ".[test]"
+            touch "$stamp"
+        fi
+        log "Python $version: ${tests[*]}"
+        "$venv/bin/python" -X dev -m pytest -q -p no:cacheprovider "${tests[@]}" || status=$?
+        log "Python $version took $((SECONDS - started)) s"
+    done
+    return $status
+}
+
 case "${1:-}" in
     example)
         ensure_apt; ensure_venv
         "$PY" examples/greeter/run_example.py
+        ;;
+    test-pythons)
+        shift
+        ensure_apt
+        test_pythons "$@"
         ;;
     test)
         shift
@@ -168,7 +256,7 @@ case "${1:-}" in
         ldd "$out"/venv/lib/python3*/site-packages/asyncgrpc/_core*.so >&2
         ;;
     *)
-        echo "usage: bash scripts/dev.sh example|test|test-asan|test-bundled|wheel-bundled [args]" >&2
+        echo "usage: bash scripts/dev.sh example|test|test-asan|test-pythons|test-bundled|wheel-bundled [args]" >&2
         exit 2
         ;;
 esac

@@ -138,11 +138,11 @@ bridge_ack_wakeup(Bridge *b)
 }
 
 grpc_event
-bridge_poll(Bridge *b)
+bridge_poll(Bridge *b, int look)
 {
     grpc_event ev = grpc_completion_queue_next(
         b->cq, gpr_inf_past(GPR_CLOCK_MONOTONIC), NULL);
-    if (ev.type == GRPC_QUEUE_TIMEOUT && (++b->empty_polls & 3) == 0) {
+    if (ev.type == GRPC_QUEUE_TIMEOUT && ((++b->empty_polls & 3) == 0 || look)) {
         /* A batch completed on this thread kicks the pollset while nobody
          * polls it; the next poll then only consumes that kick and returns
          * empty without reading the sockets (epoll1: kicked_without_poller).

@@ -19,7 +19,7 @@ int bridge_take(Bridge *b, grpc_event *ev);
 /* Loop side: acknowledge the eventfd (non-blocking read). */
 void bridge_ack_wakeup(Bridge *b);
 /* Loop side, holding the baton: one non-blocking poll. */
-grpc_event bridge_poll(Bridge *b);
+grpc_event bridge_poll(Bridge *b, int look);
 /* Loop side: give the baton back to the poller. */
 void bridge_hand_back(Bridge *b);
 /* Does the loop hold the baton? */

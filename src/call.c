@@ -23,6 +23,8 @@
 
 #include "byte_buffer.h"
 #include "metadata.h"
+#include "metrics.h"
+#include "ready.h"
 #include "server.h"
 #include "utils.h"
 
@@ -31,6 +33,18 @@ static void on_finish(Tag *tag, int ok);
 static void on_initial_md_sent(Tag *tag, int ok);
 static void on_read(Tag *tag, int ok);
 static void on_write(Tag *tag, int ok);
+static void drop_write_queue(CallObject *self);
+static void settle_write_waiter(CallObject *self, int ok);
+static int future_is_done(CallObject *self, PyObject *fut);
+
+/* The write queue's high-water mark: write() returns at once while the
+ * messages in flight and queued cost at most this many bytes, and suspends
+ * the writer above it until the queue is down to WRITE_LOW_WATER. Each
+ * message also counts WRITE_OVERHEAD bytes (its byte buffer, its node), so
+ * tiny messages cannot queue without bound. */
+#define WRITE_HIGH_WATER ((size_t)64 * 1024)
+#define WRITE_LOW_WATER (WRITE_HIGH_WATER / 2)
+#define WRITE_OVERHEAD ((size_t)64)
 
 /* ------------------------------------------------------------------ */
 /* life cycle                                                          */
@@ -151,6 +165,7 @@ call_traverse(CallObject *self, visitproc visit, void *arg)
     Py_VISIT(self->initial_md_op.future);
     Py_VISIT(self->read_op.future);
     Py_VISIT(self->write_op.future);
+    Py_VISIT(self->final_details);
     return 0;
 }
 
@@ -173,6 +188,7 @@ call_clear(CallObject *self)
     Py_CLEAR(self->initial_md_op.future);
     Py_CLEAR(self->read_op.future);
     Py_CLEAR(self->write_op.future);
+    Py_CLEAR(self->final_details);
     return 0;
 }
 
@@ -195,9 +211,11 @@ call_dealloc(CallObject *self)
     if (self->read_held != NULL) {
         grpc_byte_buffer_destroy(self->read_held);
     }
+    drop_write_queue(self);
     if (self->counted_active && self->server != NULL) {
         self->server->active_calls--;
     }
+    metrics_rpc_end(self, GRPC_STATUS_CANCELLED);   /* metrics hook: never ended */
     call_clear(self);
     Py_CLEAR(self->server);
     tp->tp_free((PyObject *)self);
@@ -324,9 +342,11 @@ resolve_future(CallObject *self, PyObject *fut, PyObject *value, PyObject *exc)
 
 /* Fill `ops` with SEND_INITIAL_METADATA (unless already sent; it carries
  * the compression request of set_compression()) and, if `message` is not
- * NULL, SEND_MESSAGE. Returns the number of ops written (at most 2). */
+ * NULL, SEND_MESSAGE with the write `flags`. Returns the number of ops
+ * written (at most 2). */
 static size_t
-add_send_ops(CallObject *self, grpc_op *ops, grpc_byte_buffer *message)
+add_send_ops(CallObject *self, grpc_op *ops, grpc_byte_buffer *message,
+             uint32_t flags)
 {
     size_t n = 0;
     if (!self->initial_md_sent) {
@@ -337,21 +357,21 @@ add_send_ops(CallObject *self, grpc_op *ops, grpc_byte_buffer *message)
     }
     if (message != NULL) {
         ops[n].op = GRPC_OP_SEND_MESSAGE;
-        ops[n].flags = self->no_compress_next ? GRPC_WRITE_NO_COMPRESS : 0;
+        ops[n].flags = flags;
         ops[n].data.send_message.send_message = message;
         n++;
     }
     return n;
 }
 
-/* The final batch: initial metadata (unless sent), an optional message and
- * the status. `message` is consumed. Returns 0, or -1 if it could not start
- * (the RPC is gone); never leaves an exception set. */
+/* Start the final batch: initial metadata (unless sent), an optional
+ * message and the status. `message` is consumed. Returns 0, or -1 if it
+ * could not start (the RPC is gone); never leaves an exception set. */
 static int
-send_final(CallObject *self, grpc_status_code code, PyObject *details,
-           grpc_byte_buffer *message)
+start_final(CallObject *self, grpc_status_code code, PyObject *details,
+            grpc_byte_buffer *message)
 {
-    if (self->status_sent || self->call == NULL) {
+    if (self->call == NULL) {
         if (message != NULL) {
             grpc_byte_buffer_destroy(message);
         }
@@ -359,7 +379,8 @@ send_final(CallObject *self, grpc_status_code code, PyObject *details,
     }
     grpc_op ops[3];
     memset(ops, 0, sizeof(ops));
-    size_t n = add_send_ops(self, ops, message);
+    size_t n = add_send_ops(self, ops, message,
+                            self->no_compress_next ? GRPC_WRITE_NO_COMPRESS : 0);
     grpc_slice details_slice;
     int have_details = 0;
     if (details != NULL && details != Py_None) {
@@ -408,12 +429,40 @@ send_final(CallObject *self, grpc_status_code code, PyObject *details,
                 self->call, GRPC_STATUS_INTERNAL,
                 "the server could not send the RPC's status", NULL);
             self->status_sent = 1;
+            metrics_rpc_end(self, GRPC_STATUS_INTERNAL);   /* metrics hook */
         }
         return -1;
     }
     self->status_sent = 1;
     self->initial_md_sent = 1;
+    metrics_rpc_end(self, (int)code);   /* metrics hook: status sent */
     return 0;
+}
+
+/* End the RPC: the final batch (see start_final), once. While written
+ * messages are still in the write queue, it waits for them: on_write
+ * starts it when the queue is empty, so a status never overtakes a message
+ * the handler wrote. Returns 0 if started or deferred, -1 if the RPC is
+ * already over or ending. */
+static int
+send_final(CallObject *self, grpc_status_code code, PyObject *details,
+           grpc_byte_buffer *message)
+{
+    if (self->status_sent || self->call == NULL) {
+        if (message != NULL) {
+            grpc_byte_buffer_destroy(message);
+        }
+        return -1;
+    }
+    if ((self->write_op.active || self->wq_head != NULL) && !self->terminated) {
+        self->final_pending = 1;
+        self->final_code = (int)code;
+        Py_XSETREF(self->final_details, Py_XNewRef(details));
+        self->final_message = message;
+        self->status_sent = 1;
+        return 0;
+    }
+    return start_final(self, code, details, message);
 }
 
 int
@@ -455,6 +504,7 @@ on_recv_close(Tag *tag, int ok)
     if (!ok || self->recv_close_cancelled) {
         self->cancelled = 1;
     }
+    metrics_rpc_closed(self);   /* metrics hook: over without a status sent */
     if (self->counted_active) {
         self->counted_active = 0;
         self->server->active_calls--;
@@ -631,6 +681,23 @@ call_run_handler(CallObject *self, PyObject *behavior, PyObject *deserializer,
         return;
     }
     self->task = task;
+    if (server->eager_tasks) {
+        /* Started eagerly: a handler that did not suspend is done already,
+         * and its status goes now rather than from a done callback one
+         * loop iteration later. */
+        int done = future_is_done(self, task);
+        if (done < 0) {
+            PyErr_Clear();
+        }
+        else if (done) {
+            PyObject *r = call_on_task_done(self, task);
+            if (r == NULL) {
+                server_write_unraisable(server, task);
+            }
+            Py_XDECREF(r);
+            return;
+        }
+    }
     PyObject *cb = PyObject_GetAttr((PyObject *)self, st->str_on_task_done);
     PyObject *r = cb ? PyObject_CallMethodOneArg(task, st->str_add_done_callback,
                                                  cb) : NULL;
@@ -661,6 +728,7 @@ read_result(CallObject *self, int ok, grpc_byte_buffer *bb, PyObject **exc)
 {
     *exc = NULL;
     if (!ok || bb == NULL) {
+        self->read_eof = 1;
         return Py_NewRef(self->server->state->eof);
     }
     PyObject *value = byte_buffer_to_bytes(bb);
@@ -684,6 +752,14 @@ resolve_read(CallObject *self, PyObject *fut, int ok, grpc_byte_buffer *bb)
 {
     PyObject *exc;
     PyObject *value = read_result(self, ok, bb, &exc);
+    if (value == self->server->state->eof && self->read_anext) {
+        /* The future of a request iterator's __anext__(): the end of the
+         * stream ends the `async for`. */
+        exc = PyObject_CallNoArgs(PyExc_StopAsyncIteration);
+        if (exc == NULL) {
+            exc = take_exception();
+        }
+    }
     complete_future(self, fut, value, exc);
     Py_XDECREF(value);
     Py_XDECREF(exc);
@@ -702,6 +778,36 @@ future_is_done(CallObject *self, PyObject *fut)
     return over;
 }
 
+/* Start a RECV_MESSAGE nobody waits for yet (one message of read-ahead):
+ * when the handler's next read() comes, its message has usually arrived and
+ * read() returns it without suspending. Nothing is read once the RPC is
+ * over or its status is on the way. */
+static void
+start_read_ahead(CallObject *self)
+{
+    if (self->read_op.active || self->read_held_set || self->read_eof ||
+        self->terminated || self->status_sent) {
+        return;
+    }
+    grpc_op op;
+    memset(&op, 0, sizeof(op));
+    op.op = GRPC_OP_RECV_MESSAGE;
+    op.data.recv_message.recv_message = &self->read_op.recv;
+    if (start_batch(self, &op, 1, &self->read_op.tag) == 0) {
+        self->read_op.active = 1;
+        self->read_ahead = 1;
+    }
+}
+
+/* Keep a completed receive for the next read(). */
+static void
+hold_read(CallObject *self, int ok, grpc_byte_buffer *bb)
+{
+    self->read_held = bb;
+    self->read_held_ok = ok != 0;
+    self->read_held_set = 1;
+}
+
 static void
 on_read(Tag *tag, int ok)
 {
@@ -710,6 +816,8 @@ on_read(Tag *tag, int ok)
     self->read_op.recv = NULL;
     self->read_op.active = 0;
     self->pending_batches--;
+    int ahead = self->read_ahead;
+    self->read_ahead = 0;
     if (self->read_op.future != NULL) {
         PyObject *fut = self->read_op.future;
         self->read_op.future = NULL;
@@ -720,15 +828,23 @@ on_read(Tag *tag, int ok)
         if (over == 1 && !self->terminated) {
             /* Its read() was cancelled (asyncio.wait_for timed out) before
              * the message landed: keep it for the next read(). */
-            self->read_held = bb;
-            self->read_held_ok = ok != 0;
-            self->read_held_set = 1;
+            hold_read(self, ok, bb);
             bb = NULL;
         }
         else if (over == 0) {
             resolve_read(self, fut, ok, bb);
+            if (ok && bb != NULL) {
+                start_read_ahead(self);
+            }
         }
         Py_DECREF(fut);
+    }
+    else if (ahead) {
+        /* Read ahead: the next read() takes it. */
+        if (!self->terminated) {
+            hold_read(self, ok, bb);
+            bb = NULL;
+        }
     }
     else if (ok && !self->terminated) {
         PyObject *payload = NULL;
@@ -876,7 +992,7 @@ call_py_send_initial_metadata(CallObject *self, PyObject *metadata)
 }
 
 /* ------------------------------------------------------------------ */
-/* streaming: one read and one write in flight at a time               */
+/* streaming: one RECV and one SEND in flight, a write queue behind it  */
 
 /* A new future of the server's loop, or NULL with an exception. */
 static PyObject *
@@ -899,33 +1015,75 @@ usage_error(CallObject *self, const char *msg)
     return NULL;
 }
 
-/* Call.read() -> awaitable of the next request message (deserialized), or
- * asyncgrpc.EOF once the client has half-closed. */
+/* The end of the stream for next_message(): EOF for read(), and for
+ * __anext__() StopAsyncIteration raised at once. */
 static PyObject *
-call_py_read(CallObject *self, PyObject *Py_UNUSED(ignored))
+end_of_stream(CallObject *self, int anext)
 {
+    if (anext) {
+        PyErr_SetNone(PyExc_StopAsyncIteration);
+        return NULL;
+    }
+    return ready_new(self->server->state, self->server->state->eof);
+}
+
+/* Call.read() and Call._anext(): an awaitable of the next request message
+ * (deserialized). A message that has already arrived (read ahead) comes
+ * back as a Ready, without suspending; otherwise the awaitable is a future
+ * resolved when it lands. At the end of the stream, read() gives EOF and
+ * _anext() (a request iterator's __anext__) raises StopAsyncIteration. */
+static PyObject *
+next_message(CallObject *self, int anext)
+{
+    ModuleState *st = self->server->state;
     if (!self->request_streaming) {
         return usage_error(self, "read() is only for request-streaming RPCs");
     }
     if (self->read_held_set) {
-        /* A message that landed after an earlier read() was cancelled. */
-        PyObject *fut = new_future(self);
-        if (fut == NULL) {
-            return NULL;
-        }
         grpc_byte_buffer *bb = self->read_held;
         int ok = self->read_held_ok;
         self->read_held = NULL;
         self->read_held_set = 0;
-        resolve_read(self, fut, ok, bb);
+        PyObject *exc;
+        PyObject *value = read_result(self, ok, bb, &exc);
         if (bb != NULL) {
             grpc_byte_buffer_destroy(bb);
         }
-        return fut;
+        if (value == NULL) {
+            /* A bad message: the RPC ended with INTERNAL, read() raises. */
+            if (exc == NULL) {
+                PyErr_SetString(PyExc_RuntimeError, "could not read the message");
+                return NULL;
+            }
+            PyErr_SetRaisedException_compat(exc);
+            return NULL;
+        }
+        if (self->read_eof) {
+            Py_DECREF(value);
+            return end_of_stream(self, anext);
+        }
+        start_read_ahead(self);
+        Py_SETREF(value, ready_new(st, value));
+        return value;
+    }
+    if (self->read_eof) {
+        /* After the end of the stream, read() keeps returning EOF. */
+        return end_of_stream(self, anext);
     }
     if (self->read_op.active) {
         PyObject *prev = self->read_op.future;
-        int prev_over = prev ? future_is_done(self, prev) : 0;
+        if (prev == NULL) {
+            /* The read-ahead is on its way: wait for it. */
+            PyObject *fut = new_future(self);
+            if (fut == NULL) {
+                return NULL;
+            }
+            self->read_ahead = 0;
+            self->read_anext = anext != 0;
+            self->read_op.future = Py_NewRef(fut);
+            return fut;
+        }
+        int prev_over = future_is_done(self, prev);
         if (prev_over < 0) {
             return NULL;
         }
@@ -938,6 +1096,7 @@ call_py_read(CallObject *self, PyObject *Py_UNUSED(ignored))
                 return NULL;
             }
             Py_SETREF(self->read_op.future, Py_NewRef(fut));
+            self->read_anext = anext != 0;
             return fut;
         }
         PyErr_SetString(PyExc_RuntimeError,
@@ -954,12 +1113,91 @@ call_py_read(CallObject *self, PyObject *Py_UNUSED(ignored))
     op.data.recv_message.recv_message = &self->read_op.recv;
     if (start_batch(self, &op, 1, &self->read_op.tag) < 0) {
         /* the RPC is over */
-        resolve_future(self, fut, self->server->state->eof, NULL);
-        return fut;
+        Py_DECREF(fut);
+        self->read_eof = 1;
+        return end_of_stream(self, anext);
     }
     self->read_op.active = 1;
+    self->read_anext = anext != 0;
     self->read_op.future = Py_NewRef(fut);
     return fut;
+}
+
+static PyObject *
+call_py_read(CallObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return next_message(self, 0);
+}
+
+static PyObject *
+call_py_anext(CallObject *self, PyObject *Py_UNUSED(ignored))
+{
+    return next_message(self, 1);
+}
+
+/* Start SEND_MESSAGE of `bb` (consumed) as the write in flight, with the
+ * initial metadata if not sent yet. 0, or -1 if the RPC is gone. */
+static int
+start_write(CallObject *self, grpc_byte_buffer *bb, uint32_t flags, size_t cost)
+{
+    grpc_op ops[2];
+    memset(ops, 0, sizeof(ops));
+    size_t n = add_send_ops(self, ops, bb, flags);
+    self->write_op.send = bb;
+    if (start_batch(self, ops, n, &self->write_op.tag) < 0) {
+        self->write_op.send = NULL;
+        grpc_byte_buffer_destroy(bb);
+        return -1;
+    }
+    self->initial_md_sent = 1;
+    self->write_op.active = 1;
+    self->write_cost = cost;
+    return 0;
+}
+
+/* Start the next queued message. While more wait behind it, it goes with
+ * GRPC_WRITE_BUFFER_HINT: the transport completes it without writing to
+ * the socket (up to its write buffer size) and sends the run of messages in
+ * fewer frames and writes when the last one, without the hint, comes. */
+static int
+start_next_write(CallObject *self)
+{
+    QueuedWrite *node = self->wq_head;
+    self->wq_head = node->next;
+    if (self->wq_head == NULL) {
+        self->wq_tail = NULL;
+    }
+    uint32_t flags = node->flags;
+    if (self->wq_head != NULL) {
+        flags |= GRPC_WRITE_BUFFER_HINT;
+    }
+    int rc = start_write(self, node->message, flags, node->cost);
+    PyMem_Free(node);
+    return rc;
+}
+
+/* Drop what the write queue holds, and a deferred final batch: the RPC is
+ * over, nothing more can be sent. */
+static void
+drop_write_queue(CallObject *self)
+{
+    QueuedWrite *node = self->wq_head;
+    while (node != NULL) {
+        QueuedWrite *next = node->next;
+        grpc_byte_buffer_destroy(node->message);
+        PyMem_Free(node);
+        node = next;
+    }
+    self->wq_head = self->wq_tail = NULL;
+    self->wq_bytes = self->write_op.active ? self->write_cost : 0;
+    if (self->final_pending) {
+        self->final_pending = 0;
+        if (self->final_message != NULL) {
+            grpc_byte_buffer_destroy(self->final_message);
+            self->final_message = NULL;
+        }
+        Py_CLEAR(self->final_details);
+    }
 }
 
 static void
@@ -972,15 +1210,59 @@ on_write(Tag *tag, int ok)
         grpc_byte_buffer_destroy(self->write_op.send);
         self->write_op.send = NULL;
     }
+    self->wq_bytes -= self->write_cost;
+    self->write_cost = 0;
+    if (ok && self->wq_head != NULL) {
+        /* The next message goes at the drain's next empty poll. */
+        server_defer_write(self->server, self);
+    }
+    if (!ok) {
+        /* The RPC is over (cancel, deadline, client gone). */
+        drop_write_queue(self);
+    }
+    else if (self->wq_head == NULL && self->final_pending) {
+        /* The queue has drained: the status the handler ended with. */
+        PyObject *details = self->final_details;
+        grpc_byte_buffer *message = self->final_message;
+        self->final_details = NULL;
+        self->final_message = NULL;
+        self->final_pending = 0;
+        start_final(self, (grpc_status_code)self->final_code, details, message);
+        Py_XDECREF(details);
+    }
+    settle_write_waiter(self, ok);
+    call_maybe_release(self);
+    Py_DECREF(self);
+}
+
+void
+call_resume_write(CallObject *self)
+{
+    if (self->write_op.active || self->wq_head == NULL) {
+        return;
+    }
+    int ok = !self->terminated && start_next_write(self) == 0;
+    if (!ok) {
+        drop_write_queue(self);
+        settle_write_waiter(self, 0);
+        call_maybe_release(self);
+    }
+}
+
+/* Wake a writer waiting above the high-water mark: once the queue is down
+ * to the low-water mark, or with CancelledError if the RPC is over. */
+static void
+settle_write_waiter(CallObject *self, int ok)
+{
     PyObject *fut = self->write_op.future;
-    self->write_op.future = NULL;
-    if (fut != NULL) {
+    if (fut != NULL && (!ok || self->wq_bytes <= WRITE_LOW_WATER)) {
+        self->write_op.future = NULL;
         if (ok) {
             resolve_future(self, fut, Py_None, NULL);
         }
         else {
-            /* The RPC is over (cancel, deadline, client gone): the writer's
-             * await raises CancelledError, like its task is about to. */
+            /* The writer's await raises CancelledError, like its task is
+             * about to. */
             PyObject *r = PyObject_CallMethodNoArgs(fut,
                                                     self->server->state->str_cancel);
             if (r == NULL) {
@@ -990,27 +1272,56 @@ on_write(Tag *tag, int ok)
         }
         Py_DECREF(fut);
     }
-    call_maybe_release(self);
-    Py_DECREF(self);
 }
 
-/* Call.write(message) -> awaitable, done once the transport has taken the
- * message (that is the back-pressure); CancelledError if the RPC is gone. */
+/* A cancelled future: what write() returns once the RPC is gone (awaiting
+ * it raises CancelledError, like the handler's task is about to). */
+static PyObject *
+cancelled_future(CallObject *self)
+{
+    PyObject *fut = new_future(self);
+    if (fut == NULL) {
+        return NULL;
+    }
+    PyObject *r = PyObject_CallMethodNoArgs(fut, self->server->state->str_cancel);
+    if (r == NULL) {
+        Py_DECREF(fut);
+        return NULL;
+    }
+    Py_DECREF(r);
+    return fut;
+}
+
+/* Call.write(message) -> awaitable. The message joins the call's write
+ * queue; while the queue holds at most WRITE_HIGH_WATER bytes, the
+ * awaitable is a Ready and the writer goes on without suspending; above
+ * it, a future resolved once the transport has taken the queue down to
+ * WRITE_LOW_WATER (that is the back-pressure). CancelledError if the RPC
+ * is gone. */
 static PyObject *
 call_py_write(CallObject *self, PyObject *message)
 {
+    ModuleState *st = self->server->state;
     if (!self->response_streaming) {
         return usage_error(self, "write() is only for response-streaming RPCs");
-    }
-    if (self->write_op.active) {
-        PyErr_SetString(PyExc_RuntimeError,
-                        "another write() is already in progress");
-        return NULL;
     }
     if (self->status_sent) {
         PyErr_SetString(PyExc_RuntimeError,
                         "the RPC has already sent its status");
         return NULL;
+    }
+    if (self->write_op.future != NULL) {
+        int over = future_is_done(self, self->write_op.future);
+        if (over < 0) {
+            return NULL;
+        }
+        if (!over) {
+            PyErr_SetString(PyExc_RuntimeError,
+                            "another write() is already in progress");
+            return NULL;
+        }
+        /* Its writer stopped waiting (cancelled); the message is queued. */
+        Py_CLEAR(self->write_op.future);
     }
     PyObject *data = (self->serializer != NULL && self->serializer != Py_None)
         ? PyObject_CallOneArg(self->serializer, message)
@@ -1026,30 +1337,44 @@ call_py_write(CallObject *self, PyObject *message)
         PyErr_SetRaisedException_compat(exc);
         return NULL;
     }
-    PyObject *fut = new_future(self);
-    if (fut == NULL) {
+    if (self->terminated || self->call == NULL) {
         grpc_byte_buffer_destroy(bb);
-        return NULL;
+        return cancelled_future(self);
     }
-    grpc_op ops[2];
-    memset(ops, 0, sizeof(ops));
-    size_t n = add_send_ops(self, ops, bb);
-    self->write_op.send = bb;
-    if (start_batch(self, ops, n, &self->write_op.tag) < 0) {
-        self->write_op.send = NULL;
-        grpc_byte_buffer_destroy(bb);
-        PyObject *r = PyObject_CallMethodNoArgs(fut,
-                                                self->server->state->str_cancel);
-        if (r == NULL) {
-            Py_DECREF(fut);
-            return NULL;
+    uint32_t flags = self->no_compress_next ? GRPC_WRITE_NO_COMPRESS : 0;
+    size_t cost = grpc_byte_buffer_length(bb) + WRITE_OVERHEAD;
+    if (!self->write_op.active && self->wq_head == NULL) {
+        if (start_write(self, bb, flags, cost) < 0) {
+            return cancelled_future(self);
         }
-        Py_DECREF(r);
-        return fut;
+    }
+    else {
+        QueuedWrite *node = PyMem_Malloc(sizeof(*node));
+        if (node == NULL) {
+            grpc_byte_buffer_destroy(bb);
+            return PyErr_NoMemory();
+        }
+        node->next = NULL;
+        node->message = bb;
+        node->cost = cost;
+        node->flags = flags;
+        if (self->wq_tail != NULL) {
+            self->wq_tail->next = node;
+        }
+        else {
+            self->wq_head = node;
+        }
+        self->wq_tail = node;
     }
     self->no_compress_next = 0;
-    self->initial_md_sent = 1;
-    self->write_op.active = 1;
+    self->wq_bytes += cost;
+    if (self->wq_bytes <= WRITE_HIGH_WATER) {
+        return Py_NewRef(st->ready_none);
+    }
+    PyObject *fut = new_future(self);
+    if (fut == NULL) {
+        return NULL;
+    }
     self->write_op.future = Py_NewRef(fut);
     return fut;
 }
@@ -1410,6 +1735,9 @@ static PyMethodDef call_methods[] = {
     {"read", (PyCFunction)call_py_read, METH_NOARGS,
      "read(): awaitable of the next request message, or asyncgrpc.EOF after "
      "the client half-closed (request-streaming RPCs)."},
+    {"_anext", (PyCFunction)call_py_anext, METH_NOARGS,
+     "_anext(): read() for a request iterator's __anext__: at the end of "
+     "the stream it raises StopAsyncIteration (or its future does)."},
     {"write", (PyCFunction)call_py_write, METH_O,
      "write(message): awaitable, done once the transport has taken the "
      "message (response-streaming RPCs)."},

@@ -26,4 +26,8 @@ void call_run_handler(CallObject *self, PyObject *behavior,
 int call_finish_status(CallObject *self, grpc_status_code code,
                        const char *details);
 
+/* Start the next queued write of a call the server deferred (see
+ * server_defer_write), or drop the queue if the RPC is over. */
+void call_resume_write(CallObject *self);
+
 #endif

@@ -10,6 +10,7 @@
 #include <errno.h>
 
 #include "call.h"
+#include "ready.h"
 #include "server.h"
 #include "utils.h"
 
@@ -136,6 +137,13 @@ core_exec(PyObject *module)
         PyModule_AddType(module, st->call_type) < 0) {
         return -1;
     }
+    st->ready_type = (PyTypeObject *)PyType_FromModuleAndSpec(module,
+                                                              &ready_spec, NULL);
+    if (st->ready_type == NULL ||
+        PyModule_AddType(module, st->ready_type) < 0 ||
+        (st->ready_none = ready_new(st, Py_None)) == NULL) {
+        return -1;
+    }
     st->server_type = (PyTypeObject *)PyType_FromModuleAndSpec(
         module, &server_spec, NULL);
     if (st->server_type == NULL ||
@@ -175,6 +183,8 @@ core_traverse(PyObject *module, visitproc visit, void *arg)
     ModuleState *st = PyModule_GetState(module);
     Py_VISIT(st->server_type);
     Py_VISIT(st->call_type);
+    Py_VISIT(st->ready_type);
+    Py_VISIT(st->ready_none);
     Py_VISIT(st->cancelled_error);
     Py_VISIT(st->usage_error);
     Py_VISIT(st->eof);
@@ -187,6 +197,8 @@ core_clear(PyObject *module)
     ModuleState *st = PyModule_GetState(module);
     Py_CLEAR(st->server_type);
     Py_CLEAR(st->call_type);
+    Py_CLEAR(st->ready_none);
+    Py_CLEAR(st->ready_type);
     Py_CLEAR(st->cancelled_error);
     Py_CLEAR(st->usage_error);
     Py_CLEAR(st->eof);

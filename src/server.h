@@ -36,4 +36,11 @@ void server_write_unraisable(ServerObject *self, PyObject *obj);
 /* Raise the kept exception, if any: returns -1 with it set, or 0. */
 int server_raise_deferred(ServerObject *self);
 
+/* A streaming call finished a write and has more queued: its next write
+ * starts at the drain's next empty poll (server_drain), not at once, so a
+ * handler that writes without pause cannot keep the completion queue busy
+ * forever: the empty polls are where the core reads the sockets (cancels,
+ * other clients, pings). Takes a reference to `call` until then. */
+void server_defer_write(ServerObject *self, CallObject *call);
+
 #endif

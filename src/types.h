@@ -54,6 +54,8 @@ typedef struct {
 typedef struct {
     PyTypeObject *server_type;
     PyTypeObject *call_type;
+    PyTypeObject *ready_type;
+    PyObject *ready_none;        /* Ready(None): write() below the mark */
     PyObject *cancelled_error;   /* asyncio.CancelledError */
     PyObject *usage_error;       /* asyncgrpc.UsageError (set by configure()) */
     PyObject *eof;               /* asyncgrpc.EOF (set by configure()) */
@@ -108,10 +110,23 @@ typedef struct {
     grpc_event slot;             /* the one event the poller hands over */
     int queue_shutdown_seen;
     /* loop thread only */
-    int pending_empty;           /* the last drain pass ended on an empty poll */
+    int pending_empty;           /* drain passes in a row ending on an empty poll */
     unsigned empty_polls;        /* empty non-blocking polls (see bridge_poll) */
     Counters *counters;          /* module-wide, poller writes under mu */
 } Bridge;
+
+/* ---- metrics (metrics.c) ---- */
+/* Per-server RPC metrics, NULL while off (the default); defined in
+ * metrics.h. Touched only with the GIL held: by the loop thread's hooks,
+ * and read by metrics_snapshot() from any thread (never the poller). */
+struct ServerMetrics;
+
+/* What a call needs for its metrics: when it was accepted (CLOCK_MONOTONIC,
+ * in ns; 0 once recorded, or when metrics are off) and its row. */
+typedef struct {
+    uint64_t start_ns;
+    Py_ssize_t row;
+} CallMetrics;
 
 /* ---- server ---- */
 struct ServerObject;
@@ -161,14 +176,19 @@ typedef struct ServerObject {
     int shutdown_done;           /* ... and its tag fired */
     PyObject *shutdown_future;   /* resolved when the shutdown tag fires */
     PyObject *deferred_fatal;    /* KeyboardInterrupt/SystemExit to raise */
+    struct CallObject *deferred_writers; /* calls whose next write waits for
+                                          * the drain's next empty poll;
+                                          * each holds a reference */
     unsigned fork_generation;    /* server_fork_generation() at creation */
     /* set by start() */
     PyObject *loop;
-    PyObject *create_task;       /* bound loop.create_task */
+    PyObject *create_task;       /* bound loop.create_task, or a task factory */
+    int eager_tasks;             /* ... that may return a task already done */
     PyObject *call_soon;         /* bound loop.call_soon */
     PyObject *drain_cb;          /* bound self._drain */
     PyObject *context_class;     /* subclass of Call to instantiate */
     PyObject *hooks;             /* Python server: dispatch_generic, handler_error */
+    struct ServerMetrics *metrics;   /* NULL: metrics off (metrics.c) */
     PyObject *weakreflist;
 } ServerObject;
 
@@ -177,6 +197,14 @@ typedef struct {
     grpc_metadata *items;
     size_t count;
 } SendMetadata;
+
+/* A response message waiting in the call's write queue (call.c). */
+typedef struct QueuedWrite {
+    struct QueuedWrite *next;
+    grpc_byte_buffer *message;
+    size_t cost;                 /* bytes counted against the high-water mark */
+    uint32_t flags;              /* GRPC_WRITE_NO_COMPRESS or 0 */
+} QueuedWrite;
 
 /* A batch started on the call whose completion resolves a future. */
 typedef struct {
@@ -217,7 +245,16 @@ typedef struct CallObject {
     FutureOp write_op;
     SendMetadata compression_md; /* grpc-internal-encoding-request, or empty */
     grpc_byte_buffer *finish_payload;
-    grpc_byte_buffer *read_held; /* received after its read() was cancelled */
+    grpc_byte_buffer *read_held; /* received, not yet taken by a read() */
+    /* the write queue: messages behind the one in flight (write_op) */
+    QueuedWrite *wq_head, *wq_tail;
+    size_t wq_bytes;             /* cost of the in-flight and queued messages */
+    size_t write_cost;           /* cost of the message in flight */
+    /* the final batch, deferred until the queue has drained */
+    PyObject *final_details;
+    grpc_byte_buffer *final_message;
+    int final_code;
+    struct CallObject *next_deferred_writer;  /* ServerObject.deferred_writers */
     int pending_batches;
     /* flags */
     unsigned initial_md_sent : 1;
@@ -232,6 +269,12 @@ typedef struct CallObject {
     unsigned no_compress_next : 1;   /* disable_next_message_compression() */
     unsigned read_held_set : 1;  /* read_held (maybe NULL: end of stream) waits */
     unsigned read_held_ok : 1;   /* ... and the ok of its completion */
+    unsigned read_ahead : 1;     /* the RECV in flight has no read() waiting */
+    unsigned read_eof : 1;       /* read() has returned EOF */
+    unsigned read_anext : 1;     /* read_op.future is an _anext() one */
+    unsigned final_pending : 1;  /* final batch waits for the write queue */
+    unsigned write_deferred : 1; /* in the server's deferred_writers list */
+    CallMetrics metrics;         /* metrics.c; zero while metrics are off */
     PyObject *weakreflist;
 } CallObject;
 

@@ -4,7 +4,8 @@
 as the public gRPC interop test descriptions require of a server, so any
 language's interop client can be pointed at asyncgrpc.
 
-The ``*_pb2`` modules of ``proto/grpc/testing/*.proto`` are not shipped:
+The ``.proto`` files ship inside the package (``asyncgrpc/interop/protos/
+grpc/testing/*.proto``, package data), their ``*_pb2`` modules do not:
 :func:`load_protos` generates them with ``grpc_tools.protoc`` on first use
 into a cache directory keyed by the protos' contents and the protobuf and
 grpcio-tools versions, and imports them from there. The generated files
@@ -44,15 +45,16 @@ class ProtoError(RuntimeError):
 
 def proto_dir() -> Path:
     """The directory holding ``grpc/testing/*.proto``: ``$ASYNCGRPC_INTEROP_PROTO_DIR``
-    if set, else the ``proto`` directory of the asyncgrpc source tree."""
+    if set, else the ``protos`` directory shipped in this package."""
     env = os.environ.get("ASYNCGRPC_INTEROP_PROTO_DIR")
-    root = Path(env) if env else Path(__file__).resolve().parents[2] / "proto"
+    root = Path(env) if env else Path(__file__).resolve().parent / "protos"
     missing = [name for name in PROTO_FILES if not (root / name).is_file()]
     if missing:
         raise ProtoError(
-            f"the interop protos {', '.join(missing)} are not under {root}; run from an "
-            "asyncgrpc source checkout or set ASYNCGRPC_INTEROP_PROTO_DIR to the "
-            "directory that holds grpc/testing/*.proto")
+            f"the interop protos {', '.join(missing)} are not under {root}; "
+            + ("set ASYNCGRPC_INTEROP_PROTO_DIR to the directory that holds "
+               "grpc/testing/*.proto" if env else
+               "this asyncgrpc installation is incomplete (reinstall it)"))
     return root
 
 

@@ -13,6 +13,13 @@
  *
  * Every status is checked and every reply is validated; any failure makes
  * the program print the reason on stderr and exit with status 1.
+ *
+ * --method hold is not a load: every slot opens one Hold stream, reads its
+ * `--stream-messages` replies and then leaves it open; once all are open the
+ * program holds them for `--duration` seconds, cancels them all and checks
+ * that each ended CANCELLED (a server that ends one on its own fails).  It
+ * is how benchmarks/idle_streams.py measures the server memory per idle
+ * stream.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -44,13 +51,15 @@
 /* ------------------------------------------------------------------------ */
 /* options */
 
-typedef enum { M_UNARY, M_SERVER_STREAM, M_BIDI } method_t;
+typedef enum { M_UNARY, M_SERVER_STREAM, M_BIDI, M_HOLD, NUM_METHODS } method_t;
 
-static const char *const method_names[] = {"unary", "server_stream", "bidi"};
-static const char *const method_paths[] = {
+static const char *const method_names[NUM_METHODS] = {"unary", "server_stream",
+                                                      "bidi", "hold"};
+static const char *const method_paths[NUM_METHODS] = {
     "/asyncgrpc.bench.Echo/Unary",
     "/asyncgrpc.bench.Echo/ServerStream",
     "/asyncgrpc.bench.Echo/Bidi",
+    "/asyncgrpc.bench.Echo/Hold",
 };
 
 typedef struct {
@@ -68,6 +77,8 @@ typedef struct {
   double connect_timeout;
   double drain_timeout;
   uint64_t requests; /* 0 = unlimited */
+  int wait_stdin;    /* hold: wait for a line on stdin before opening */
+  double open_timeout; /* hold: time allowed to open every stream */
 } opts_t;
 
 static opts_t g_opt = {
@@ -85,6 +96,8 @@ static opts_t g_opt = {
     .connect_timeout = 10.0,
     .drain_timeout = 10.0,
     .requests = 0,
+    .wait_stdin = 0,
+    .open_timeout = 60.0,
 };
 
 /* ------------------------------------------------------------------------ */
@@ -114,6 +127,8 @@ static uint64_t g_t_measure; /* measurement window begins */
 static uint64_t g_t_end;     /* measurement window ends, no new RPCs */
 static atomic_int g_abort;
 static atomic_int g_workers_done;
+static atomic_int g_open;    /* hold: streams open (all replies received) */
+static atomic_int g_release; /* hold: set by main: cancel every stream */
 static pthread_barrier_t g_barrier;
 
 /* ------------------------------------------------------------------------ */
@@ -147,6 +162,8 @@ typedef enum {
   ST_BIDI_PING,   /* bidi: one message sent, waiting for its echo */
   ST_BIDI_CLOSE,  /* bidi: half-closed, waiting for end of stream + status */
   ST_STATUS,      /* waiting for the final status only */
+  ST_HOLD_RECV,   /* hold: waiting for one of the first replies */
+  ST_HOLD_OPEN,   /* hold: all replies in, waiting for the status */
 } state_t;
 
 struct worker;
@@ -165,7 +182,8 @@ typedef struct slot {
   grpc_slice details;
   const char *error_string;
   int failed;       /* a batch failed or a reply was wrong */
-  int ended_early;  /* bidi: the server closed before we did */
+  int ended_early;  /* bidi, hold: the server closed before we did */
+  int cancelled_by_us; /* hold: we cancelled the stream */
   uint64_t t_start; /* start of the RPC (intended start under --rate) */
   uint64_t t_msg;   /* bidi: when the current message was sent */
   uint32_t msgs;    /* replies received in this RPC */
@@ -244,7 +262,8 @@ static void start_batch(slot_t *s, grpc_op *ops, size_t n) {
  * be right if it echoes this very request (no caching of one reply); the
  * slot keeps a copy of the payload sent, to check the echo against. */
 static grpc_byte_buffer *new_request_buffer(worker_t *w, slot_t *s) {
-  if (g_opt.method == M_SERVER_STREAM || g_opt.payload == 0) {
+  if (g_opt.method == M_SERVER_STREAM || g_opt.method == M_HOLD ||
+      g_opt.payload == 0) {
     /* the byte buffer takes its own reference to the shared slice */
     return grpc_raw_byte_buffer_create(&w->request, 1);
   }
@@ -309,6 +328,7 @@ static void start_rpc(slot_t *s, uint64_t t_start) {
   s->msgs = 0;
   s->failed = 0;
   s->ended_early = 0;
+  s->cancelled_by_us = 0;
   s->status = GRPC_STATUS_UNKNOWN;
   s->details = grpc_empty_slice();
   s->error_string = NULL;
@@ -346,6 +366,16 @@ static void start_rpc(slot_t *s, uint64_t t_start) {
       op_recv_message(&ops[n++], s);
       s->state = ST_BIDI_PING;
       break;
+    case M_HOLD:
+      op_send_initial_md(&ops[n++]);
+      op_send_message(&ops[n++], s->send_bb);
+      op_close(&ops[n++]);
+      op_recv_initial_md(&ops[n++], s);
+      op_recv_message(&ops[n++], s);
+      s->state = ST_HOLD_RECV;
+      break;
+    case NUM_METHODS:
+      abort();
   }
   start_batch(s, ops, n);
 }
@@ -414,7 +444,27 @@ static void finish_rpc(slot_t *s, uint64_t now) {
   } else {
     w->other_codes++;
   }
-  if (s->status != GRPC_STATUS_OK) {
+  if (g_opt.method == M_HOLD) {
+    /* the only right end: CANCELLED, by us, after all the replies */
+    if (!s->cancelled_by_us) {
+      note_error(w, "hold stream ended by the server with status %d (%s) "
+                 "after %u replies, before the client cancelled it",
+                 (int)s->status,
+                 (unsigned)s->status < NUM_CODES ? code_names[s->status] : "?",
+                 s->msgs);
+      ok = 0;
+    } else if (s->msgs != g_opt.stream_messages) {
+      note_error(w, "hold stream still waiting for reply %u of %u when the "
+                 "client cancelled it (not open in time)", s->msgs + 1,
+                 g_opt.stream_messages);
+      ok = 0;
+    } else if (s->status != GRPC_STATUS_CANCELLED) {
+      note_error(w, "cancelled hold stream ended with status %d, not CANCELLED",
+                 (int)s->status);
+      ok = 0;
+    }
+    if (!ok) w->bad_replies++;
+  } else if (s->status != GRPC_STATUS_OK) {
     ok = 0;
     char details[200];
     size_t len = GRPC_SLICE_LENGTH(s->details);
@@ -441,7 +491,8 @@ static void finish_rpc(slot_t *s, uint64_t now) {
   w->rpcs_total++;
   if (in_window(now)) {
     w->rpcs_window++;
-    if (g_opt.method != M_BIDI) hist_add(&w->hist, now - s->t_start);
+    if (g_opt.method != M_BIDI && g_opt.method != M_HOLD)
+      hist_add(&w->hist, now - s->t_start);
   }
 
   grpc_call_unref(s->call);
@@ -479,7 +530,8 @@ static void count_message(worker_t *w, uint64_t now) {
 static void on_event(slot_t *s, int success) {
   worker_t *w = s->w;
   uint64_t now = now_ns();
-  if (!success && s->state != ST_STATUS && s->state != ST_UNARY) {
+  if (!success && s->state != ST_STATUS && s->state != ST_UNARY &&
+      s->state != ST_HOLD_OPEN) {
     /* e.g. the call was cancelled or the connection broke: the status
      * batch tells why. */
     s->failed = 1;
@@ -569,6 +621,30 @@ static void on_event(slot_t *s, int success) {
       finish_rpc(s, now);
       break;
 
+    case ST_HOLD_RECV: {
+      if (s->recv_bb == NULL) { /* the server ended the stream early */
+        s->ended_early = 1;       /* an error: reported with its status */
+        wait_status(s);
+        break;
+      }
+      if (!check_reply(s, 0)) s->failed = 1;
+      s->msgs++;
+      count_message(w, now);
+      grpc_op op;
+      if (s->msgs < g_opt.stream_messages) {
+        op_recv_message(&op, s);
+      } else {
+        /* open: latency is the time to open the stream */
+        hist_add(&w->hist, now - s->t_start);
+        atomic_fetch_add(&g_open, 1);
+        op_recv_status(&op, s);
+        s->state = ST_HOLD_OPEN;
+      }
+      start_batch(s, &op, 1);
+      break;
+    }
+
+    case ST_HOLD_OPEN:
     case ST_STATUS:
       if (!success) {
         s->failed = 1;
@@ -651,7 +727,16 @@ static void *worker_main(void *arg) {
     uint64_t now = now_ns();
     int can_start = may_start(w, now);
     if (!can_start && w->active == 0) break;
-    if (!can_start && !cancelled && now >= g_t_end + drain_ns) {
+    if (g_opt.method == M_HOLD) {
+      if (!cancelled && atomic_load(&g_release)) {
+        for (int i = 0; i < w->nslots; i++)
+          if (w->slots[i].call) {
+            w->slots[i].cancelled_by_us = 1;
+            grpc_call_cancel(w->slots[i].call, NULL);
+          }
+        cancelled = 1;
+      }
+    } else if (!can_start && !cancelled && now >= g_t_end + drain_ns) {
       note_error(w, "%d RPCs still running %.1f s after the end; cancelled",
                  w->active, g_opt.drain_timeout);
       for (int i = 0; i < w->nslots; i++)
@@ -707,7 +792,9 @@ static void usage(FILE *f) {
   fprintf(f,
           "usage: loadgen [options]\n"
           "  --target HOST:PORT      server address (default 127.0.0.1:50051)\n"
-          "  --method M              unary | server_stream | bidi (default unary)\n"
+          "  --method M              unary | server_stream | bidi | hold\n"
+          "                          (default unary; hold: open every stream,\n"
+          "                          keep them open --duration s, cancel them)\n"
           "  --connections N         separate TCP connections (default 1)\n"
           "  --inflight N            RPCs/streams in flight per connection\n"
           "                          (default 1; with --rate: the cap, default 100)\n"
@@ -724,6 +811,10 @@ static void usage(FILE *f) {
           "  --connect-timeout S     (default 10)\n"
           "  --drain-timeout S       time allowed to finish RPCs after the end\n"
           "                          before they are cancelled (default 10)\n"
+          "  --open-timeout S        hold: time allowed to open every stream\n"
+          "                          (default 60)\n"
+          "  --wait-stdin            hold: once connected, print 'loadgen:\n"
+          "                          connected' and wait for a line on stdin\n"
           "  --json                  print one JSON object instead of text\n");
 }
 
@@ -754,7 +845,7 @@ static void parse_args(int argc, char **argv) {
   enum {
     O_TARGET = 1000, O_METHOD, O_CONNS, O_INFLIGHT, O_DURATION, O_WARMUP,
     O_PAYLOAD, O_SMSGS, O_RATE, O_JSON, O_THREADS, O_REQUESTS, O_CTIMEOUT,
-    O_DTIMEOUT, O_HELP,
+    O_DTIMEOUT, O_OTIMEOUT, O_WAIT_STDIN, O_HELP,
   };
   static const struct option longopts[] = {
       {"target", required_argument, 0, O_TARGET},
@@ -771,6 +862,8 @@ static void parse_args(int argc, char **argv) {
       {"requests", required_argument, 0, O_REQUESTS},
       {"connect-timeout", required_argument, 0, O_CTIMEOUT},
       {"drain-timeout", required_argument, 0, O_DTIMEOUT},
+      {"open-timeout", required_argument, 0, O_OTIMEOUT},
+      {"wait-stdin", no_argument, 0, O_WAIT_STDIN},
       {"help", no_argument, 0, O_HELP},
       {0, 0, 0, 0},
   };
@@ -780,7 +873,7 @@ static void parse_args(int argc, char **argv) {
       case O_TARGET: g_opt.target = optarg; break;
       case O_METHOD: {
         int found = 0;
-        for (int i = 0; i < 3; i++)
+        for (int i = 0; i < NUM_METHODS; i++)
           if (strcmp(optarg, method_names[i]) == 0) {
             g_opt.method = (method_t)i;
             found = 1;
@@ -803,6 +896,8 @@ static void parse_args(int argc, char **argv) {
       case O_REQUESTS: g_opt.requests = parse_u64("requests", optarg, 1, UINT64_MAX); break;
       case O_CTIMEOUT: g_opt.connect_timeout = parse_double("connect-timeout", optarg, 0.001); break;
       case O_DTIMEOUT: g_opt.drain_timeout = parse_double("drain-timeout", optarg, 0.001); break;
+      case O_OTIMEOUT: g_opt.open_timeout = parse_double("open-timeout", optarg, 0.001); break;
+      case O_WAIT_STDIN: g_opt.wait_stdin = 1; break;
       case O_HELP: case 'h': usage(stdout); exit(0);
       default: usage(stderr); exit(2);
     }
@@ -813,7 +908,13 @@ static void parse_args(int argc, char **argv) {
     exit(2);
   }
   if (g_opt.rate > 0 && g_opt.method == M_BIDI) {
-    fprintf(stderr, "loadgen: --rate is supported for unary and server_stream\n");
+    fprintf(stderr, "loadgen: --rate is supported for unary, server_stream "
+                    "and hold (streams opened per second)\n");
+    exit(2);
+  }
+  if (g_opt.method == M_HOLD && (g_opt.stream_messages == 0 || g_opt.requests)) {
+    fprintf(stderr, "loadgen: hold needs --stream-messages >= 1 (the replies "
+                    "show that the server holds the stream) and no --requests\n");
     exit(2);
   }
   if (g_opt.inflight == 0) g_opt.inflight = g_opt.rate > 0 ? 100 : 1;
@@ -832,7 +933,7 @@ static void parse_args(int argc, char **argv) {
 static grpc_slice build_request(const uint8_t *payload) {
   size_t len;
   uint8_t *buf;
-  if (g_opt.method == M_SERVER_STREAM) {
+  if (g_opt.method == M_SERVER_STREAM || g_opt.method == M_HOLD) {
     Asyncgrpc__Bench__StreamRequest req = ASYNCGRPC__BENCH__STREAM_REQUEST__INIT;
     req.count = g_opt.stream_messages;
     req.payload_size = (uint32_t)g_opt.payload;
@@ -903,6 +1004,9 @@ int main(int argc, char **argv) {
       w->limited = 1;
       w->request_quota = g_opt.requests / (uint64_t)nw +
                          ((uint64_t)i < g_opt.requests % (uint64_t)nw ? 1 : 0);
+    } else if (g_opt.method == M_HOLD) {
+      w->limited = 1; /* one stream per slot */
+      w->request_quota = (uint64_t)w->nslots;
     }
     for (int k = 0; k < w->nconns; k++) {
       conn_t *c = &w->conns[k];
@@ -958,13 +1062,54 @@ int main(int argc, char **argv) {
       setup_ok = 0;
     }
   if (!setup_ok) atomic_store(&g_abort, 1);
+  const int hold = g_opt.method == M_HOLD;
+  const int total_streams = g_opt.connections * g_opt.inflight;
+  if (hold && setup_ok) {
+    fprintf(stderr, "loadgen: connected\n");
+    fflush(stderr);
+    if (g_opt.wait_stdin) {
+      char line[64];
+      if (fgets(line, sizeof(line), stdin) == NULL) { /* EOF: go on */ }
+    }
+  }
   g_t_start = now_ns();
-  g_t_measure = g_t_start + (uint64_t)(g_opt.warmup * NSEC);
-  g_t_end = g_t_measure + (uint64_t)(g_opt.duration * NSEC);
+  if (hold) {
+    /* every stream starts now; the "window" spans the whole run */
+    g_t_measure = g_t_start;
+    g_t_end = g_t_start + (uint64_t)((g_opt.open_timeout + g_opt.duration +
+                                      g_opt.drain_timeout) * NSEC);
+  } else {
+    g_t_measure = g_t_start + (uint64_t)(g_opt.warmup * NSEC);
+    g_t_end = g_t_measure + (uint64_t)(g_opt.duration * NSEC);
+  }
   pthread_barrier_wait(&g_barrier);
 
   uint64_t cpu0 = 0, cpu1 = 0, t_win_end = g_t_end;
-  if (setup_ok) {
+  double open_s = -1; /* hold: seconds to open every stream */
+  if (hold && setup_ok) {
+    cpu0 = cpu_ns();
+    uint64_t open_deadline = g_t_start + (uint64_t)(g_opt.open_timeout * NSEC);
+    while (atomic_load(&g_open) < total_streams && now_ns() < open_deadline &&
+           atomic_load(&g_workers_done) < g_opt.threads) {
+      struct timespec ts = {0, 5 * (long)MSEC};
+      nanosleep(&ts, NULL);
+    }
+    int n_open = atomic_load(&g_open);
+    if (n_open == total_streams) {
+      open_s = (double)(now_ns() - g_t_start) / NSEC;
+      fprintf(stderr, "loadgen: streams open %d\n", n_open);
+      fflush(stderr);
+      sleep_until(now_ns() + (uint64_t)(g_opt.duration * NSEC));
+    } else {
+      fprintf(stderr, "loadgen: only %d of %d streams open after %.1f s\n",
+              n_open, total_streams, (double)(now_ns() - g_t_start) / NSEC);
+    }
+    fprintf(stderr, "loadgen: releasing\n");
+    fflush(stderr);
+    atomic_store(&g_release, 1);
+    cpu1 = cpu_ns();
+    t_win_end = now_ns();
+  } else if (setup_ok) {
     sleep_until(g_t_measure);
     cpu0 = cpu_ns();
     fprintf(stderr, "loadgen: window start\n");
@@ -1010,6 +1155,10 @@ int main(int argc, char **argv) {
   uint64_t errors = failed + other;
   int ok = errors == 0 && first_error == NULL && rpcs_t > 0 &&
            (g_opt.requests ? 1 : rpcs_w + msgs_w > 0);
+  if (hold && open_s < 0) {
+    ok = 0;
+    if (!first_error) first_error = "not every stream opened in time";
+  }
   uint64_t p50 = hist_quantile(hist, 0.50), p90 = hist_quantile(hist, 0.90),
            p99 = hist_quantile(hist, 0.99), p999 = hist_quantile(hist, 0.999);
   double mean = hist->n ? hist->sum / (double)hist->n : 0;
@@ -1026,8 +1175,11 @@ int main(int argc, char **argv) {
            "\"msgs_per_s\": %.3f, \"rpcs_total\": %llu, \"messages_total\": %llu, ",
            (unsigned long long)rpcs_w, (unsigned long long)msgs_w, qps, mps,
            (unsigned long long)rpcs_t, (unsigned long long)msgs_t);
+    if (hold)
+      printf("\"streams\": %d, \"streams_open\": %d, \"open_s\": %.3f, ",
+             total_streams, atomic_load(&g_open), open_s);
     printf("\"latency_of\": \"%s\", \"latency_samples\": %llu, \"latency_us\": {",
-           g_opt.method == M_BIDI ? "message" : "rpc",
+           g_opt.method == M_BIDI ? "message" : hold ? "open" : "rpc",
            (unsigned long long)hist->n);
     json_latency("p50", p50, 0);
     json_latency("p90", p90, 0);
@@ -1069,13 +1221,19 @@ int main(int argc, char **argv) {
            g_opt.inflight, nw, g_opt.payload);
     if (g_opt.method != M_UNARY) printf("  stream-messages %u", g_opt.stream_messages);
     if (g_opt.rate > 0) printf("  rate %.1f/s (open loop)", g_opt.rate);
-    printf("\nwindow %.2f s after %.2f s warmup\n", window_s, g_opt.warmup);
+    if (hold)
+      printf("\n%.2f s from the first stream to the release\n", window_s);
+    else
+      printf("\nwindow %.2f s after %.2f s warmup\n", window_s, g_opt.warmup);
     printf("rpcs %llu  (%.1f/s)", (unsigned long long)rpcs_w, qps);
     if (g_opt.method != M_UNARY)
       printf("  messages %llu  (%.1f/s)", (unsigned long long)msgs_w, mps);
+    if (hold)
+      printf("\nstreams open %d of %d, all open after %.3f s",
+             atomic_load(&g_open), total_streams, open_s);
     printf("\nlatency per %s (us): p50 %.1f  p90 %.1f  p99 %.1f  p99.9 %.1f  "
            "max %.1f  mean %.1f\n",
-           g_opt.method == M_BIDI ? "message" : "rpc", p50 / 1e3, p90 / 1e3,
+           g_opt.method == M_BIDI ? "message" : hold ? "stream open" : "rpc", p50 / 1e3, p90 / 1e3,
            p99 / 1e3, p999 / 1e3, hist->max / 1e3, mean / 1e3);
     if (g_opt.rate > 0)
       printf("start lag behind schedule (us): p50 %.1f  p99 %.1f  max %.1f\n",

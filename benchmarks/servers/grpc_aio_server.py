@@ -26,6 +26,14 @@ class Echo(benchmark_pb2_grpc.EchoServicer):
         async for request in request_iterator:
             yield benchmark_pb2.EchoReply(payload=request.payload)
 
+    async def Hold(self, request, context):
+        # `count` replies, then nothing until the client cancels (the
+        # handler is cancelled then): benchmarks/idle_streams.py
+        payload = b"x" * request.payload_size
+        for _ in range(request.count):
+            yield benchmark_pb2.EchoReply(payload=payload)
+        await asyncio.get_running_loop().create_future()
+
 
 async def serve(port):
     server = grpc.aio.server()

@@ -36,6 +36,14 @@ class Echo:
             await stream.send_message(
                 benchmark_pb2.EchoReply(payload=request.payload))
 
+    async def Hold(self, stream):
+        # `count` replies, then nothing until the client cancels
+        request = await stream.recv_message()
+        payload = b"x" * request.payload_size
+        for _ in range(request.count):
+            await stream.send_message(benchmark_pb2.EchoReply(payload=payload))
+        await asyncio.get_running_loop().create_future()
+
     def __mapping__(self):
         req, rep = benchmark_pb2.EchoRequest, benchmark_pb2.EchoReply
         return {
@@ -46,6 +54,9 @@ class Echo:
                 benchmark_pb2.StreamRequest, rep),
             SERVICE + "Bidi": Handler(
                 self.Bidi, Cardinality.STREAM_STREAM, req, rep),
+            SERVICE + "Hold": Handler(
+                self.Hold, Cardinality.UNARY_STREAM,
+                benchmark_pb2.StreamRequest, rep),
         }
 
 

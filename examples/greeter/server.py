@@ -1,6 +1,8 @@
 """The greeter example server: a grpc.aio servicer served by asyncgrpc.
 
 Run:  python examples/greeter/server.py [--port 50051]
+or, from the command line with worker processes (register() below):
+      cd examples/greeter && python -m asyncgrpc serve server:register --bind 127.0.0.1:50051 --workers 2
 (The stubs helloworld_pb2*.py are generated next to this file by
 examples/greeter/generate.py, which run_example.py calls.)
 """
@@ -22,9 +24,14 @@ class Greeter(helloworld_pb2_grpc.GreeterServicer):
         return helloworld_pb2.HelloReply(message=f"Hello, {request.name}!")
 
 
+def register(server: asyncgrpc.Server) -> None:
+    """Add the Greeter service to ``server`` (for ``python -m asyncgrpc serve``)."""
+    helloworld_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)
+
+
 async def serve(port: int) -> None:
     server = asyncgrpc.server()                      # was: grpc.aio.server()
-    helloworld_pb2_grpc.add_GreeterServicer_to_server(Greeter(), server)
+    register(server)
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
     print(f"serving on 127.0.0.1:{bound}", flush=True)

@@ -7,6 +7,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <mutex>
 #include <string>
 
 #include "benchmark.grpc.pb.h"
@@ -48,6 +49,67 @@ class StreamWriter final : public grpc::ServerWriteReactor<EchoReply> {
   }
 
   uint32_t remaining_;
+  EchoReply reply_;
+};
+
+// Writes `count` replies, then holds the stream open without writing until
+// the client cancels it (benchmarks/idle_streams.py).  OnCancel and
+// OnWriteDone may run on different threads: the mutex makes Finish happen
+// once.
+class HoldWriter final : public grpc::ServerWriteReactor<EchoReply> {
+ public:
+  explicit HoldWriter(const StreamRequest* request)
+      : remaining_(request->count()) {
+    reply_.set_payload(std::string(request->payload_size(), 'x'));
+    std::lock_guard<std::mutex> lock(mu_);
+    NextLocked();
+  }
+
+  void OnWriteDone(bool ok) override {
+    std::lock_guard<std::mutex> lock(mu_);
+    writing_ = false;
+    if (!ok) {
+      FinishLocked(grpc::Status(grpc::StatusCode::UNKNOWN, "write failed"));
+      return;
+    }
+    NextLocked();
+  }
+
+  void OnCancel() override {
+    std::lock_guard<std::mutex> lock(mu_);
+    cancelled_ = true;
+    // a write in flight completes with ok == false and finishes then
+    if (!writing_) {
+      FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"));
+    }
+  }
+
+  void OnDone() override { delete this; }
+
+ private:
+  void NextLocked() {
+    if (remaining_ == 0 || cancelled_) {
+      if (cancelled_) {
+        FinishLocked(grpc::Status(grpc::StatusCode::CANCELLED, "cancelled"));
+      }
+      return;  // all written: hold until the client cancels
+    }
+    remaining_--;
+    writing_ = true;
+    StartWrite(&reply_);
+  }
+
+  void FinishLocked(const grpc::Status& status) {
+    if (finished_) return;
+    finished_ = true;
+    Finish(status);
+  }
+
+  std::mutex mu_;
+  uint32_t remaining_;
+  bool writing_ = false;
+  bool cancelled_ = false;
+  bool finished_ = false;
   EchoReply reply_;
 };
 
@@ -94,6 +156,11 @@ class EchoService final : public Echo::CallbackService {
   grpc::ServerWriteReactor<EchoReply>* ServerStream(
       grpc::CallbackServerContext*, const StreamRequest* request) override {
     return new StreamWriter(request);
+  }
+
+  grpc::ServerWriteReactor<EchoReply>* Hold(
+      grpc::CallbackServerContext*, const StreamRequest* request) override {
+    return new HoldWriter(request);
   }
 
   grpc::ServerBidiReactor<EchoRequest, EchoReply>* Bidi(
