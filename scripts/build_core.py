@@ -450,9 +450,10 @@ def build(jobs: int | None = None) -> CoreBuild:
     list_file = out / "objects.txt"
     if todo or not archive.exists() or not list_file.exists() \
             or list_file.read_text() != listing:
-        tmp_archive = out / (ARCHIVE_NAME + ".tmp")
+        # pid-suffixed: two builds sharing the cache never write one file.
+        tmp_archive = out / f"{ARCHIVE_NAME}.tmp{os.getpid()}"
         tmp_archive.unlink(missing_ok=True)
-        tmp_list = out / "objects.txt.tmp"
+        tmp_list = out / f"objects.txt.tmp{os.getpid()}"
         tmp_list.write_text(listing)
         subprocess.run(["ar", "rcs", str(tmp_archive), f"@{tmp_list}"], check=True)
         os.replace(tmp_archive, archive)
