@@ -331,6 +331,48 @@ class AsyncgrpcUvloopPeer(AsyncgrpcPeer):
     name, label, loop = "asyncgrpc_uvloop", "asyncgrpc+uvloop", "uvloop"
 
 
+class AsyncgrpcBundledPeer(AsyncgrpcPeer):
+    """asyncgrpc built on the bundled gRPC core (ASYNCGRPC_BUNDLED_CORE=1),
+    installed in another interpreter: --bundled-python (or the environment
+    variable ASYNCGRPC_BUNDLED_PYTHON), e.g. the venv that
+    `bash scripts/dev.sh wheel-bundled DIR` makes (DIR/venv/bin/python; it
+    needs grpcio-tools and protobuf for the stubs, uvloop for the uvloop
+    peer). Unavailable without it."""
+    name, label = "asyncgrpc_bundled", "asyncgrpc (bundled core)"
+
+    def _python(self, ctx):
+        return ctx.bundled_python or os.environ.get("ASYNCGRPC_BUNDLED_PYTHON")
+
+    def prepare(self, ctx):
+        py = self._python(ctx)
+        if not py:
+            raise PeerUnavailable("no --bundled-python (an interpreter with "
+                                  "asyncgrpc built on the bundled core)")
+        needs = "import uvloop; " if self.loop == "uvloop" else ""
+        code = (needs + "import asyncgrpc, grpc_tools; "
+                "assert asyncgrpc._core.BUNDLED_CORE, 'not a bundled-core build'; "
+                "print(asyncgrpc.core_version())")
+        p = subprocess.run([py, "-c", code], cwd=SERVERS_DIR, env=dict(os.environ),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           text=True, timeout=60)
+        if p.returncode != 0:
+            raise PeerUnavailable("%s: %s" % (py, (p.stdout.strip().splitlines()
+                                                   or ["?"])[-1]))
+        self.core_version = p.stdout.strip().splitlines()[-1]
+
+    def command(self, ctx, port):
+        return [self._python(ctx), os.path.join(SERVERS_DIR, self.script),
+                "--port", str(port)] + list(self.extra_args)
+
+    def env(self, ctx):
+        return dict(os.environ)
+
+
+class AsyncgrpcBundledUvloopPeer(AsyncgrpcBundledPeer):
+    name, label, loop = ("asyncgrpc_bundled_uvloop", "asyncgrpc+uvloop (bundled core)",
+                         "uvloop")
+
+
 class PygrpcNativePeer(PythonPeer):
     """pygrpc-native (PyPI pygrpc-native): HTTP/2 and gRPC in Rust threads,
     grpcio's server API.  It serves unary and server-streaming methods
@@ -356,7 +398,8 @@ class PygrpcNativeSyncPeer(PygrpcNativePeer):
 
 
 PEER_CLASSES = [CppPeer, GrpcAioPeer, GrpcSyncPeer, GrpclibPeer,
-                AsyncgrpcPeer, AsyncgrpcUvloopPeer, PygrpcNativeAioPeer,
+                AsyncgrpcPeer, AsyncgrpcUvloopPeer, AsyncgrpcBundledPeer,
+                AsyncgrpcBundledUvloopPeer, PygrpcNativeAioPeer,
                 PygrpcNativeSyncPeer]
 PEER_NAMES = [c.name for c in PEER_CLASSES]
 
@@ -552,6 +595,7 @@ def measure(ctx, peer, scenario, tag, repeat):
 class Context:
     def __init__(self, args):
         self.python = args.python
+        self.bundled_python = getattr(args, "bundled_python", None)
         self.duration = args.duration
         self.warmup = args.warmup
         self.out_dir = args.out
@@ -791,6 +835,10 @@ def parse_args(argv):
                    help="run each scenario N times (fresh server each time) "
                         "and report the run with the median throughput; "
                         "helps on a noisy machine (default 1)")
+    p.add_argument("--bundled-python", default=None, metavar="PYTHON",
+                   help="interpreter with asyncgrpc built on the bundled gRPC "
+                        "core, for the asyncgrpc_bundled peers (default: "
+                        "$ASYNCGRPC_BUNDLED_PYTHON; without it they are skipped)")
     p.add_argument("--python", default=sys.executable,
                    help="interpreter for the Python servers (default: this one)")
     p.add_argument("--out", default=os.path.join(HERE, "out"),

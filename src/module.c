@@ -8,11 +8,37 @@
 #include "types.h"
 
 #include <errno.h>
+#include <stdlib.h>
 
 #include "call.h"
 #include "ready.h"
 #include "server.h"
 #include "utils.h"
+
+#ifdef ASYNCGRPC_BUNDLED_GRPCIO
+/* The bundled core (gRPC 1.85) reads sockets on its EventEngine threads,
+ * which then hand every call to the loop thread: on the one CPU a server
+ * usually gets, that is two more thread switches per RPC (unary 10x10:
+ * about 40k req/s, against 65k with the iomgr transport, which our
+ * completion-queue polls drive; RESULTS.md, "Both cores"). Unless the user
+ * chose experiments, the listener and the endpoints stay on iomgr. The core
+ * reads GRPC_EXPERIMENTS once, while this library is loaded (its static
+ * initializers) or at the latest in grpc_init(): the variable is set by a
+ * constructor that runs before them and removed again once grpc_init() has
+ * run, so a grpcio in the same process keeps its own defaults. */
+#define BUNDLED_CORE_EXPERIMENTS \
+    "-event_engine_listener,-event_engine_for_all_other_endpoints"
+static int experiments_set_here;   /* plain C, set before any Python runs */
+
+__attribute__((constructor(101))) static void
+choose_core_experiments(void)
+{
+    if (getenv("GRPC_EXPERIMENTS") == NULL &&
+        setenv("GRPC_EXPERIMENTS", BUNDLED_CORE_EXPERIMENTS, 0) == 0) {
+        experiments_set_here = 1;
+    }
+}
+#endif
 
 static PyObject *
 core_stats(PyObject *module, PyObject *Py_UNUSED(ignored))
@@ -172,6 +198,13 @@ core_exec(PyObject *module)
         return -1;
     }
     grpc_init();
+#ifdef ASYNCGRPC_BUNDLED_GRPCIO
+    if (experiments_set_here) {
+        /* The core has read its configuration (see choose_core_experiments). */
+        unsetenv("GRPC_EXPERIMENTS");
+        experiments_set_here = 0;
+    }
+#endif
     st->grpc_initialized = 1;
     st->fork_generation = server_fork_generation();
     return 0;

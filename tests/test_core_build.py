@@ -172,3 +172,30 @@ def test_grpcio_and_asyncgrpc_in_one_process(order, loop_kind):
         capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.startswith(f"ok {asyncgrpc.core_version()} "), result.stdout
+
+
+_EXPERIMENTS = textwrap.dedent("""
+    import ctypes, os, sys
+    libc = ctypes.CDLL(None)
+    libc.getenv.restype = ctypes.c_char_p
+    import asyncgrpc
+    print(repr(libc.getenv(b"GRPC_EXPERIMENTS")), repr(os.environ.get("GRPC_EXPERIMENTS")))
+""")
+
+
+@needs_bundled
+@pytest.mark.parametrize("given", [None, "-event_engine_client"])
+def test_bundled_core_experiments_do_not_leak(given):
+    """The bundled core keeps its transport on iomgr (GRPC_EXPERIMENTS set
+    by a constructor while the core reads its configuration): afterwards the
+    variable is gone from the process (a grpcio loaded later keeps its
+    defaults), and a value the user gave is left as it was."""
+    env = {k: v for k, v in os.environ.items() if k != "GRPC_EXPERIMENTS"}
+    if given is not None:
+        env["GRPC_EXPERIMENTS"] = given
+    out = subprocess.run([sys.executable, "-c", _EXPERIMENTS], env=env, check=True,
+                         capture_output=True, text=True, cwd=ROOT).stdout.split()
+    if given is None:
+        assert out == ["None", "None"], out
+    else:
+        assert out == [repr(given.encode()), repr(given)], out
