@@ -591,9 +591,8 @@ server_drain(ServerObject *self, PyObject *Py_UNUSED(ignored))
     retry_unposted(self);
     int n = 0;
     while (n < DRAIN_BUDGET && self->deferred_fatal == NULL) {
-        /* In the passes that follow a quiet one (the loop is about to idle),
-         * every empty answer looks at the sockets: a request that arrives
-         * then is seen at once instead of after up to four polls. */
+        /* With LOOK_WHEN_IDLE, in the passes that follow a quiet one (the
+         * loop is about to idle) every empty answer looks at the sockets. */
         grpc_event ev = bridge_poll(b, LOOK_WHEN_IDLE && n == 0 && b->pending_empty > 0);
         if (ev.type != GRPC_OP_COMPLETE) {
             /* The queue is empty: now the streams' next messages go. */
@@ -605,6 +604,12 @@ server_drain(ServerObject *self, PyObject *Py_UNUSED(ignored))
         self->state->counters.events++;
         dispatch_event(self, ev);
         n++;
+    }
+    if (n == DRAIN_BUDGET) {
+        /* Out of budget with events still coming: the streams' next
+         * messages go now rather than wait for a pass that empties the
+         * queue, which sustained load may not bring. */
+        resume_deferred_writes(self);
     }
     if (self->deferred_fatal != NULL) {
         /* Keep the baton and go on in a later iteration (if the loop runs
