@@ -191,3 +191,147 @@ def test_request_iterator_returns_an_arrived_message_without_suspending(
         assert method(iter([b"a", b"b", b"c", b"d"]), timeout=10) == b"a|b|c|d"
         assert method(iter([b"a", b"b"]), timeout=10) == b"a|b"
     assert recorder.items == [("iterator_ahead", True)] * 2
+
+
+# ------------------------------------------------------------ adversarial
+
+def _adversary_setup(tally: Any, written: dict):
+    async def flood(request: bytes, context: Any) -> None:
+        # Each stream writes its own id into every message, as fast as the
+        # queue takes them (most writes do not suspend).
+        own = request.decode()
+        n = 0
+        with tally.track("Flood"):
+            for i in range(1000):
+                await context.write(f"{own}:{i}".encode())
+                n += 1
+        written[own] = n
+
+    async def two_writers(request: bytes, context: Any) -> None:
+        async def writer(tag: str) -> None:
+            for i in range(300):
+                await context.write(f"{tag}{i}".encode())
+        await asyncio.gather(writer("a"), writer("b"))
+
+    async def big_then_wait(request: bytes, context: Any) -> None:
+        chunk = b"y" * (256 << 10)
+        with tally.track("Big"):
+            for _ in range(10_000):
+                await context.write(chunk)
+
+    def setup(server: Any) -> None:
+        server.add_registered_method_handlers(SERVICE, {
+            "Flood": asyncgrpc.unary_stream_rpc_method_handler(flood),
+            "TwoWriters": asyncgrpc.unary_stream_rpc_method_handler(two_writers),
+            "Big": asyncgrpc.unary_stream_rpc_method_handler(big_then_wait),
+        })
+    return setup
+
+
+def test_concurrent_streams_get_their_own_messages_and_cancels_free_them(
+        server_thread: ServerThread) -> None:
+    """48 streams over 4 connections, each writing its own id; every other
+    one is cancelled by its client after a few messages, while the server's
+    queue for it is full. The others get exactly their own 1,000 messages in
+    order; every cancelled handler ends with CancelledError; nothing stays
+    active."""
+    from test_chaos import Tally, active_calls, wait_until
+
+    tally = Tally()
+    written: dict = {}
+    server_thread.start(_adversary_setup(tally, written))
+
+    async def one(channel: Any, cid: str, cancel_after: int) -> List[bytes]:
+        call = channel.unary_stream(path("Flood"))(cid.encode(), timeout=30)
+        got: List[bytes] = []
+        async for m in call:
+            got.append(m)
+            if cancel_after and len(got) == cancel_after:
+                call.cancel()
+                break
+        return got
+
+    async def main() -> None:
+        channels = [grpc.aio.insecure_channel(
+            server_thread.target, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(4)]
+        try:
+            jobs = []
+            for i in range(48):
+                cancel_after = 0 if i % 2 == 0 else 3 + i
+                jobs.append(one(channels[i % 4], f"s{i}", cancel_after))
+            results = await asyncio.gather(*jobs)
+        finally:
+            for ch in channels:
+                await ch.close()
+        for i, got in enumerate(results):
+            want = [f"s{i}:{k}".encode() for k in range(len(got))]
+            assert got == want, (i, got[:3])
+            if i % 2 == 0:
+                assert len(got) == 1000, (i, len(got))
+            else:
+                assert len(got) == 3 + i, (i, len(got))
+    asyncio.run(main())
+    assert wait_until(tally.balanced), tally.snapshot()
+    snap = tally.snapshot()
+    assert snap["errors"] == [], snap
+    assert snap["entered"]["Flood"] == 48, snap
+    # Every uncancelled stream wrote all of its messages. A cancelled one may
+    # have had all of its messages taken by the transport's windows before
+    # the cancel arrived; every other cancelled one ended with CancelledError.
+    finished = {int(k[1:]) for k in written}
+    assert set(range(0, 48, 2)) <= finished, sorted(finished)
+    assert all(written[f"s{i}"] == 1000 for i in finished), written
+    cut_short = 24 - len(finished - set(range(0, 48, 2)))
+    assert snap["cancelled"].get("Flood", 0) == cut_short, (snap, sorted(finished))
+    assert wait_until(lambda: active_calls(server_thread) == 0), active_calls(server_thread)
+
+
+def test_two_tasks_writing_one_stream(server_thread: ServerThread) -> None:
+    """Two tasks of one handler write to the same call at once: every
+    message arrives once, and each task's messages keep their order."""
+    server_thread.start(_adversary_setup(None, {}))
+    with grpc.insecure_channel(server_thread.target) as channel:
+        got = list(channel.unary_stream(path("TwoWriters"))(b"", timeout=10))
+    assert sorted(got) == sorted([f"{t}{i}".encode() for t in "ab" for i in range(300)])
+    for tag in "ab":
+        mine = [int(m[1:]) for m in got if m[:1] == tag.encode()]
+        assert mine == list(range(300))
+
+
+_KILLED_READER = """
+import sys, grpc
+ch = grpc.insecure_channel(sys.argv[1])
+call = ch.unary_stream(sys.argv[2])(b"", timeout=60)
+next(call)                      # one message, then stop reading
+print("read", flush=True)
+sys.stdin.readline()            # wait to be killed
+"""
+
+
+def test_client_killed_while_the_writer_waits_above_the_mark(
+        server_thread: ServerThread) -> None:
+    """A client reads one 256 KiB message, stops reading (the server's queue
+    fills and the writer waits above the mark), and is SIGKILLed: the
+    handler's write raises CancelledError, the call ends, the server
+    serves on."""
+    import subprocess
+    import sys as _sys
+
+    from test_chaos import Tally, active_calls, wait_until
+
+    tally = Tally()
+    server_thread.start(_adversary_setup(tally, {}))
+    proc = subprocess.Popen([_sys.executable, "-c", _KILLED_READER, server_thread.target,
+                             path("Big")], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    with proc:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == "read"
+        assert wait_until(lambda: tally.snapshot()["entered"].get("Big") == 1)
+        proc.kill()
+        proc.wait(10)
+    assert wait_until(tally.balanced, timeout=20), tally.snapshot()
+    assert tally.snapshot()["cancelled"].get("Big") == 1, tally.snapshot()
+    assert wait_until(lambda: active_calls(server_thread) == 0), active_calls(server_thread)
+    with grpc.insecure_channel(server_thread.target) as channel:
+        assert list(channel.unary_stream(path("TwoWriters"))(b"", timeout=10))
