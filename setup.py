@@ -73,7 +73,8 @@ def _bundled_core_flags() -> tuple[list[str], list[str], str]:
     core = build_core.build()
     version_script = os.path.join(ROOT, "scripts", "exports.map")
     cflags = ["-I" + str(core.include_dir),
-              f'-DASYNCGRPC_BUNDLED_GRPCIO="{core.version}"']
+              f'-DASYNCGRPC_BUNDLED_GRPCIO="{core.version}"',
+              f'-DASYNCGRPC_CORE_PATCHES="{" ".join(core.patches)}"']
     libs = [
         str(core.archive),
         # Nothing of the archive (nor of libstdc++/libgcc) is exported:

@@ -5,6 +5,9 @@ REQUESTS_PER_METHOD: int
 BUNDLED_CORE: Optional[str]
 """The grpcio release whose C core is linked in statically
 (ASYNCGRPC_BUNDLED_CORE=1 builds), or None when a system libgrpc is."""
+CORE_PATCHES: Tuple[str, ...]
+"""The names of asyncgrpc's patches in a bundled core
+(scripts/core_patches.py), or () for a system libgrpc."""
 
 def stats() -> dict[str, int]:
     """Process-wide counters: events, events_inline, events_via_ring,

@@ -11,6 +11,10 @@ archived into one static library that setup.py links with
 ``-Wl,--exclude-libs,ALL``: nothing of the core is exported from
 ``asyncgrpc._core``, which therefore runs beside grpcio in one process.
 
+asyncgrpc changes three sources of the core (scripts/core_patches.py: the
+server's close after a GOAWAY, and calls refused at shutdown); the patched
+copies are compiled instead of the originals.
+
 The build lives outside the source tree, in
 ``${ASYNCGRPC_CORE_CACHE:-~/.cache/asyncgrpc}/core-<version>-<flags hash>/``,
 one object file per source, and is reused when present: only missing
@@ -32,6 +36,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import hashlib
+import importlib.util
 import os
 import shlex
 import shutil
@@ -42,6 +47,22 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+
+
+def _load_core_patches():
+    """scripts/core_patches.py (asyncgrpc's changes to the core), found
+    beside this file however this file was loaded."""
+    if "core_patches" not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            "core_patches", Path(__file__).resolve().with_name("core_patches.py"))
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["core_patches"] = module   # its dataclass needs it
+        spec.loader.exec_module(module)
+    return sys.modules["core_patches"]
+
+
+core_patches = _load_core_patches()
 
 GRPCIO_VERSION = "1.85.1"
 GRPCIO_SDIST_SHA256 = "5f530287d5de5f7f66089ead81de44f6787162944dab3922efa65dfdff108a1d"
@@ -238,6 +259,7 @@ class CoreBuild:
     archive: Path          # the static library
     include_dir: Path      # the core's public headers (grpc/grpc.h ...)
     libraries: tuple[str, ...]
+    patches: tuple[str, ...]  # names of scripts/core_patches.py's patches
 
 
 def _log(msg: str) -> None:
@@ -365,11 +387,13 @@ def _base_command(src: Path, cxx_source: bool) -> list[str]:
 
 
 def _compile_command(src: Path, source: str, obj: Path,
-                     pch: Path | None = None) -> list[str]:
+                     pch: Path | None = None, path: Path | None = None) -> list[str]:
+    """The compiler command for ``source`` (read from ``path`` when given:
+    a patched copy; its includes still resolve in the sdist)."""
     cmd = _base_command(src, source.endswith((".cc", ".cpp")))
     if pch is not None:
         cmd += ["-include", str(pch), "-Winvalid-pch"]
-    return cmd + ["-c", str(src / source), "-o", str(obj)]
+    return cmd + ["-c", str(path or src / source), "-o", str(obj)]
 
 
 def _uses_pch(source: str) -> bool:
@@ -398,13 +422,13 @@ def _make_pch(src: Path, out: Path) -> Path | None:
     return header
 
 
-def _compile_one(src: Path, source: str, obj: Path,
-                 pch: Path | None) -> str | None:
+def _compile_one(src: Path, source: str, obj: Path, pch: Path | None,
+                 path: Path | None = None) -> str | None:
     """Compile one source; None on success, else the compiler's message."""
     tmp = obj.with_suffix(f".tmp{os.getpid()}")
     attempts = [pch, None] if pch is not None and _uses_pch(source) else [None]
     for header in attempts:
-        proc = subprocess.run(_compile_command(src, source, tmp, header),
+        proc = subprocess.run(_compile_command(src, source, tmp, header, path),
                               capture_output=True, text=True)
         if proc.returncode == 0:
             os.replace(tmp, obj)  # a killed build leaves no truncated object
@@ -421,7 +445,19 @@ def build(jobs: int | None = None) -> CoreBuild:
     objdir = out / "obj"
     objdir.mkdir(parents=True, exist_ok=True)
     sources = source_files(src)
-    objects = [objdir / _object_name(s) for s in sources]
+    # A patched source is compiled from its copy in patched/ into an object
+    # named after the patched text, so changing a patch recompiles that file
+    # only, and an unpatched build could never pick the object up.
+    patched: dict[str, Path] = {}
+    names = {s: _object_name(s) for s in sources}
+    for source, text in core_patches.patched_sources(src).items():
+        copy = out / "patched" / source
+        if not copy.exists() or copy.read_text() != text:
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            copy.write_text(text)
+        patched[source] = copy
+        names[source] = names[source][:-2] + f".{core_patches.digest(text)}.o"
+    objects = [objdir / names[s] for s in sources]
     todo = [(s, o) for s, o in zip(sources, objects) if not o.exists()]
     if todo:
         jobs = jobs or int(os.environ.get("ASYNCGRPC_CORE_JOBS") or 0) or os.cpu_count() or 1
@@ -434,7 +470,8 @@ def build(jobs: int | None = None) -> CoreBuild:
         with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
             # C++ first: the longest compiles should not be left for the end.
             todo.sort(key=lambda so: not so[0].endswith(".cc"))
-            for err in pool.map(lambda so: _compile_one(src, *so, pch), todo):
+            for err in pool.map(
+                    lambda so: _compile_one(src, *so, pch, patched.get(so[0])), todo):
                 done += 1
                 if err:
                     errors.append(err)
@@ -460,7 +497,8 @@ def build(jobs: int | None = None) -> CoreBuild:
         os.replace(tmp_list, list_file)
         _log(f"archived {len(objects)} objects into {archive}")
     return CoreBuild(version=GRPCIO_VERSION, archive=archive,
-                     include_dir=src / "include", libraries=LINK_LIBRARIES)
+                     include_dir=src / "include", libraries=LINK_LIBRARIES,
+                     patches=tuple(core_patches.names()))
 
 
 def main() -> None:

@@ -191,6 +191,31 @@ core_exec(PyObject *module)
         return -1;
     }
 #endif
+    /* The names of asyncgrpc's patches compiled into a bundled core
+     * (scripts/core_patches.py; setup.py defines them space-separated), an
+     * empty tuple for a system libgrpc. Tests ask it what the core does. */
+#ifndef ASYNCGRPC_CORE_PATCHES
+#define ASYNCGRPC_CORE_PATCHES ""
+#endif
+    PyObject *patches = PyTuple_New(0);
+    if (patches == NULL) {
+        return -1;
+    }
+    if (ASYNCGRPC_CORE_PATCHES[0] != '\0') {
+        PyObject *names = PyUnicode_FromString(ASYNCGRPC_CORE_PATCHES);
+        PyObject *list = names ? PyUnicode_Split(names, NULL, -1) : NULL;
+        Py_XDECREF(names);
+        Py_SETREF(patches, list ? PyList_AsTuple(list) : NULL);
+        Py_XDECREF(list);
+        if (patches == NULL) {
+            return -1;
+        }
+    }
+    int added = PyModule_AddObjectRef(module, "CORE_PATCHES", patches);
+    Py_DECREF(patches);
+    if (added < 0) {
+        return -1;
+    }
     int err = server_register_atfork();
     if (err != 0) {
         errno = err;
