@@ -6,7 +6,9 @@ and the core closes the connection right after the last reply. Counts the
 repetitions in which the client lost replies, for asyncgrpc and grpc.aio, with
 the client's BDP pings on (grpcio's default) and off. A ping that arrives as
 the core closes is unread data, so the kernel resets the connection and
-replies still on the way are lost.
+replies still on the way are lost. The bundled core's patch
+close-after-peer-read (scripts/core_patches.py) closes only once the client
+has acknowledged a PING sent after the last reply.
 
     python benchmarks/drain_race.py --reps 40
 """
@@ -75,15 +77,20 @@ def one_rep(kind: str, loop_kind: str, bdp: bool) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--reps", type=int, default=40)
+    parser.add_argument("--servers", nargs="+", default=["asyncgrpc", "grpc.aio"],
+                        choices=["asyncgrpc", "grpc.aio"])
     args = parser.parse_args()
     rows: List[Tuple[str, str, str, int, int]] = []
-    for kind in ("asyncgrpc", "grpc.aio"):
+    for kind in args.servers:
         for loop_kind in ("asyncio", "uvloop"):
             for bdp in (True, False):
                 lost = [one_rep(kind, loop_kind, bdp) for _ in range(args.reps)]
                 rows.append((kind, loop_kind, "on" if bdp else "off",
                              sum(1 for n in lost if n), sum(lost)))
-    print(f"grpcio {grpc.__version__}, {args.reps} repetitions of 50 calls in flight")
+    import asyncgrpc
+    print(f"asyncgrpc on core {asyncgrpc.core_version()} "
+          f"(patches: {', '.join(asyncgrpc._core.CORE_PATCHES) or 'none'}), "
+          f"grpcio {grpc.__version__}, {args.reps} repetitions of 50 calls in flight")
     print("| server | loop | client BDP pings | reps with lost replies | replies lost |")
     print("|---|---|---|---|---|")
     for kind, loop_kind, bdp, reps, lost in rows:

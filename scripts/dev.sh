@@ -36,7 +36,8 @@ APT_PACKAGES=(libgrpc-dev libprotobuf-c-dev protobuf-c-compiler pkg-config gcc m
 # The bundled gRPC core is C++ (and archived/checked with binutils).
 BUNDLED_APT_PACKAGES=(g++ binutils)
 # Tests whose behaviour depends on the core (CI's bundled pass).
-BUNDLED_TESTS=(tests/test_unary.py tests/test_streaming.py tests/test_lifecycle.py tests/test_core_build.py)
+BUNDLED_TESTS=(tests/test_unary.py tests/test_streaming.py tests/test_lifecycle.py tests/test_core_build.py
+               tests/test_drain.py tests/test_nginx.py tests/test_connection_age.py)
 
 log() { printf '\033[1m==> %s\033[0m\n' "$*" >&2; }
 
