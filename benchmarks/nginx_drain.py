@@ -17,43 +17,11 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import signal
 import sys
-from typing import Counter
-
-import grpc
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 import asyncgrpc  # noqa: E402
-import test_nginx as tn  # noqa: E402  (tests/test_nginx.py: Backend, Nginx, Traffic)
-
-
-def one_drain() -> Counter[str]:
-    backends = [tn.Backend("a", grace=10.0), tn.Backend("b", grace=10.0)]
-    try:
-        nginx = tn.Nginx(backends)
-    except BaseException:
-        tn._stop_all(backends)
-        raise
-    a = backends[0]
-    try:
-        with grpc.insecure_channel(nginx.target) as channel:
-            traffic = tn.Traffic(channel)
-            try:
-                assert traffic.wait_for("a", 20) and traffic.wait_for("b", 20), traffic.failures
-                a.proc.send_signal(signal.SIGTERM)
-                assert a.read_line(10) == "draining", a.log()
-                assert a.read_line(20) == "stopped", a.log()
-                assert a.proc.wait(10) == 0, a.log()
-                with traffic.lock:
-                    answered_b = traffic.answered["b"]
-                traffic.wait_for("b", answered_b + 200)
-            finally:
-                traffic.stop()
-        return collections.Counter(traffic.failures)
-    finally:
-        nginx.close()
-        tn._stop_all(backends)
+import test_nginx as tn  # noqa: E402  (tests/test_nginx.py)
 
 
 def main() -> None:
@@ -64,10 +32,12 @@ def main() -> None:
           f"(patches: {', '.join(asyncgrpc._core.CORE_PATCHES) or 'none'})")
     lossy, total = 0, collections.Counter()
     for n in range(args.drains):
-        failures = one_drain()
+        failures, problems = tn.drain_backend_in_rotation()
         total.update(failures)
         lossy += bool(failures)
         print(f"drain {n}: {dict(failures) or 'nothing lost'}", flush=True)
+        if failures:
+            print("  nginx: " + "\n  nginx: ".join(problems[-5:]), flush=True)
     print(f"drains that lost calls: {lossy} of {args.drains}; {dict(total) or 'none'}")
 
 

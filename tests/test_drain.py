@@ -49,19 +49,29 @@ def needs_patch(name: str) -> Any:
                f"asyncgrpc's core patch {name!r}, which only the bundled core has")
 
 
-def _setup(server: Any) -> None:
+def _setup(delay: float) -> Any:
     async def work(request: bytes, context: asyncgrpc.ServicerContext) -> bytes:
-        await asyncio.sleep(0.01)
+        if delay:
+            await asyncio.sleep(delay)
         return request
-    server.add_registered_method_handlers(
-        SERVICE, {"Work": asyncgrpc.unary_unary_rpc_method_handler(work)})
+
+    def setup(server: Any) -> None:
+        server.add_registered_method_handlers(
+            SERVICE, {"Work": asyncgrpc.unary_unary_rpc_method_handler(work)})
+    return setup
 
 
-def _one_drain(loop_kind: str, grace: float) -> Tuple[Counter[str], float]:
+def _one_drain(loop_kind: str, grace: float, threads: int = 6, delay: float = 0.01,
+               warmup: float = 0.2) -> Tuple[Counter[str], float]:
+    """Two servers behind one round_robin channel, ``threads`` clients
+    calling without pause (handlers take ``delay`` s); after ``warmup`` s one
+    server stops with ``grace``: the outcome of every call, and how long
+    stop() took.
+    (benchmarks/drain_load.py repeats it under heavier load.)"""
     a, b = ServerThread(loop_kind), ServerThread(loop_kind)
     try:
-        port_a = a.start(_setup, blocked_loop_threshold=None)
-        port_b = b.start(_setup, blocked_loop_threshold=None)
+        port_a = a.start(_setup(delay), blocked_loop_threshold=None)
+        port_b = b.start(_setup(delay), blocked_loop_threshold=None)
         channel = grpc.insecure_channel(
             f"ipv4:127.0.0.1:{port_a},127.0.0.1:{port_b}",
             options=[("grpc.lb_policy_name", "round_robin")])
@@ -83,16 +93,16 @@ def _one_drain(loop_kind: str, grace: float) -> Tuple[Counter[str], float]:
                     outcomes[outcome] += 1
                 i += 1
 
-        threads = [threading.Thread(target=client, args=(k,)) for k in range(6)]
-        for t in threads:
+        workers = [threading.Thread(target=client, args=(k,)) for k in range(threads)]
+        for t in workers:
             t.start()
-        time.sleep(0.2)
+        time.sleep(warmup)
         started = time.monotonic()
         a.stop(grace)
         took = time.monotonic() - started
         time.sleep(0.2)                    # the other backend goes on serving
         done.set()
-        for t in threads:
+        for t in workers:
             t.join(20)
         channel.close()
         return outcomes, took
