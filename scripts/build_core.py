@@ -11,9 +11,10 @@ archived into one static library that setup.py links with
 ``-Wl,--exclude-libs,ALL``: nothing of the core is exported from
 ``asyncgrpc._core``, which therefore runs beside grpcio in one process.
 
-asyncgrpc changes three sources of the core (scripts/core_patches.py: the
-server's close after a GOAWAY, and calls refused at shutdown); the patched
-copies are compiled instead of the originals.
+asyncgrpc changes three sources of the core (scripts/core_patches.py: how
+a server closes a connection after its GOAWAY, and which calls it still
+serves once shutdown began); the patched copies are compiled instead of the
+originals.
 
 The build lives outside the source tree, in
 ``${ASYNCGRPC_CORE_CACHE:-~/.cache/asyncgrpc}/core-<version>-<flags hash>/``,

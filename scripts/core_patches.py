@@ -7,8 +7,9 @@ files are patched, never headers, so a patch changes one object file and the
 rest of the cached build is reused. The patched sources are written beside
 the build (``<build dir>/patched/``); the unpacked sdist stays as it came.
 
-What the patches fix, both measured with benchmarks/drain_race.py and
-tests/test_drain.py (see docs/deploy.md, "Draining"):
+What the patches fix (tests/test_drain.py tests each; docs/deploy.md, "What
+a server does when it stops", and benchmarks/RESULTS.md, "Stopping with a
+grace", have the measurements):
 
 ``close-after-peer-read``
     A server that has sent its final GOAWAY closes the connection the moment

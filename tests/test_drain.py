@@ -371,6 +371,30 @@ def test_frame_sent_after_the_last_reply_is_read_before_the_close(server_thread)
         client.close()
 
 
+@pytest.mark.parametrize("grace", [0.5, None])
+def test_a_client_that_never_answers_does_not_hold_stop_past_its_grace(server_thread, grace):
+    """A client that answers no PING (neither the graceful GOAWAY's nor the
+    one a patched core sends before closing) and never closes: stop(grace)
+    still returns once the grace is over, and the connection is closed."""
+    release, entered = threading.Event(), threading.Event()
+    release.set()
+    server_thread.start(_frame_client_setup(release, entered))
+    client = FrameClient("127.0.0.1", server_thread.port)
+    try:
+        sid = client.request(f"/{SERVICE}/Slow", b"")
+        client.auto_ack_pings = False
+        _, trailers = _stream_end(client, sid)
+        assert trailers.get("grpc-status") == "0"
+        started = time.monotonic()
+        server_thread.call(lambda: server_thread.server.stop(grace), timeout=30)
+        took = time.monotonic() - started
+        assert took < (grace or 0) + 2.0, took
+        client.read_until(lambda frame: False, timeout=5)
+        assert client.eof or client.reset, "the server left the connection open"
+    finally:
+        client.close()
+
+
 def test_later_stop_cuts_a_running_grace_short(server_thread):
     """stop(None) (or a shorter grace) while stop(60) waits for an RPC ends
     the wait at once and cancels that RPC, as in grpc.aio."""
