@@ -19,8 +19,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
-from typing import Any, Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -55,23 +53,8 @@ def main() -> int:
                         help="module providing server() (asyncgrpc or grpc.aio)")
     args = parser.parse_args()
 
-    out = tempfile.mkdtemp(prefix="interceptor_cost_")
-    ctx = run.Context(argparse.Namespace(
-        python=sys.executable, duration=args.duration, warmup=args.warmup, out=out,
-        server_cpus="0", client_cpus="1", no_pin=False))
-    os.makedirs(ctx.log_dir, exist_ok=True)
-    run.build_loadgen()
-    scenario = run.SCENARIO_BY_NAME[args.scenario]
-    peers = {n: EchoPeer(args.module, n) for n in (0, 1)}
-    for peer in peers.values():
-        peer.prepare(ctx)
-    results: Dict[int, List[Dict[str, Any]]] = {0: [], 1: []}
-    try:
-        for i in range(args.runs):
-            for n, peer in peers.items():
-                results[n].append(run.measure(ctx, peer, scenario, f"{peer.name}_{i}", 1))
-    finally:
-        ctx.stop_all()
+    results, _ = run.alternate({n: EchoPeer(args.module, n) for n in (0, 1)}, args.scenario,
+                               args.runs, args.duration, args.warmup, "interceptor_cost_")
 
     def med(n: int, key: str) -> float:
         return statistics.median(r[key] for r in results[n])

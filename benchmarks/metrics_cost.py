@@ -16,8 +16,6 @@ import argparse
 import os
 import statistics
 import sys
-import tempfile
-from typing import Any, Dict, List
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -46,23 +44,8 @@ def main() -> int:
                         choices=sorted(run.SCENARIO_BY_NAME))
     args = parser.parse_args()
 
-    out = tempfile.mkdtemp(prefix="metrics_cost_")
-    ctx = run.Context(argparse.Namespace(
-        python=sys.executable, duration=args.duration, warmup=args.warmup, out=out,
-        server_cpus="0", client_cpus="1", no_pin=False))
-    os.makedirs(ctx.log_dir, exist_ok=True)
-    run.build_loadgen()
-    scenario = run.SCENARIO_BY_NAME[args.scenario]
-    peers = {on: EchoPeer(on) for on in (False, True)}
-    for peer in peers.values():
-        peer.prepare(ctx)
-    results: Dict[bool, List[Dict[str, Any]]] = {False: [], True: []}
-    try:
-        for i in range(args.runs):
-            for on, peer in peers.items():
-                results[on].append(run.measure(ctx, peer, scenario, f"{peer.name}_{i}", 1))
-    finally:
-        ctx.stop_all()
+    results, _ = run.alternate({on: EchoPeer(on) for on in (False, True)}, args.scenario,
+                               args.runs, args.duration, args.warmup, "metrics_cost_")
 
     def med(on: bool, key: str) -> float:
         return statistics.median(r[key] for r in results[on])

@@ -25,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -627,6 +628,34 @@ class Context:
 def build_loadgen():
     run_checked(["make", "-C", os.path.join(HERE, "loadgen"), "-j2",
                  "BUILD=" + os.path.dirname(LOADGEN)], "building the loadgen")
+
+
+def alternate(peers, scenario_name, runs, duration, warmup, prefix,
+              server_cpus="0", client_cpus="1", pin=True, before=None):
+    """The A/B measurement of the cost programs (metrics_cost.py,
+    interceptor_cost.py, workers.py): each peer of ``peers`` (key -> peer)
+    measured ``runs`` times on a fresh server, the peers taking turns so
+    that a change in background load hits all of them. ``before(ctx)`` runs
+    once, after the peers are prepared, and its result is returned with the
+    list of results per key."""
+    ctx = Context(argparse.Namespace(
+        python=sys.executable, duration=duration, warmup=warmup,
+        out=tempfile.mkdtemp(prefix=prefix), server_cpus=server_cpus,
+        client_cpus=client_cpus, no_pin=not pin))
+    os.makedirs(ctx.log_dir, exist_ok=True)
+    build_loadgen()
+    scenario = SCENARIO_BY_NAME[scenario_name]
+    for peer in peers.values():
+        peer.prepare(ctx)
+    results = {key: [] for key in peers}
+    try:
+        first = before(ctx) if before is not None else None
+        for i in range(runs):
+            for key, peer in peers.items():
+                results[key].append(measure(ctx, peer, scenario, "%s_%d" % (peer.name, i), 1))
+    finally:
+        ctx.stop_all()
+    return results, first
 
 
 # --------------------------------------------------------------------------

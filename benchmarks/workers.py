@@ -24,7 +24,6 @@ import os
 import socket
 import statistics
 import sys
-import tempfile
 import urllib.request
 from typing import Any, Dict, List, Optional
 
@@ -134,25 +133,11 @@ def main() -> int:
                         help="grpcio connections of the spread test (default 100)")
     args = parser.parse_args()
 
-    out = tempfile.mkdtemp(prefix="workers_")
-    ctx = run.Context(argparse.Namespace(
-        python=sys.executable, duration=args.duration, warmup=args.warmup, out=out,
-        server_cpus="0,1", client_cpus="0,1", no_pin=True))
-    os.makedirs(ctx.log_dir, exist_ok=True)
-    run.build_loadgen()
-    scenario = run.SCENARIO_BY_NAME[args.scenario]
-    peers = {n: WorkersPeer(n) for n in (1, 2)}
-    for peer in peers.values():
-        peer.prepare(ctx)
-    results: Dict[int, List[Dict[str, Any]]] = {1: [], 2: []}
-    try:
-        counts = spread(ctx, args.connections)
-        for i in range(args.runs):
-            for n, peer in peers.items():
-                results[n].append(run.measure(ctx, peer, scenario, f"{peer.name}_{i}", 1))
-    finally:
-        ctx.stop_all()
-
+    # Nothing pinned: the workers and the load generator share the CPUs.
+    results, counts = run.alternate(
+        {n: WorkersPeer(n) for n in (1, 2)}, args.scenario, args.runs, args.duration,
+        args.warmup, "workers_", server_cpus="0,1", client_cpus="0,1", pin=False,
+        before=lambda ctx: spread(ctx, args.connections))
     print(f"spread: {args.connections} grpcio connections, one Unary call each, 2 workers: "
           f"{counts[0]} / {counts[1]}")
     print(f"scenario {args.scenario}, median of {args.runs} alternating runs x {args.duration:g} s, "
