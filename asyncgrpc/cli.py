@@ -34,6 +34,8 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
+from .executor import _exit_description  # "exit code 3", "killed by SIGKILL"
+
 __all__ = ["DEFAULT_BIND", "DEFAULT_GRACE", "TargetError", "build_parser", "load_target", "main"]
 
 DEFAULT_BIND = "127.0.0.1:50051"
@@ -348,15 +350,6 @@ class _Worker:
     quick_deaths: int = 0
 
 
-def _describe_exit(code: int) -> str:
-    if code < 0:
-        try:
-            return f"killed by {signal.Signals(-code).name}"
-        except ValueError:
-            return f"killed by signal {-code}"
-    return f"exit code {code}"
-
-
 class Supervisor:
     """Runs ``--workers N`` worker processes and keeps them running."""
 
@@ -426,16 +419,16 @@ class Supervisor:
                 if not w.ready:
                     if code not in (0, -signal.SIGTERM):   # not just stopped while starting
                         _LOGGER.error("worker %d failed before serving (%s)", pid,
-                                      _describe_exit(code))
+                                      _exit_description(code))
                         self.exit_code = 1
                     continue
                 if code != 0:
-                    _LOGGER.warning("worker %d ended with %s", pid, _describe_exit(code))
+                    _LOGGER.warning("worker %d ended with %s", pid, _exit_description(code))
                     self.exit_code = 1
                 continue
             if not w.ready:
                 _LOGGER.error("worker %d failed before serving (%s); see its error above. "
-                              "Stopping.", pid, _describe_exit(code))
+                              "Stopping.", pid, _exit_description(code))
                 self.exit_code = 1
                 self._begin_stop("a worker could not start")
                 continue
@@ -445,7 +438,7 @@ class Supervisor:
             w.quick_deaths += 1
             w.restart_at = now + delay
             _LOGGER.warning("worker %d died unexpectedly (%s); restarting it in %g s",
-                            pid, _describe_exit(code), delay)
+                            pid, _exit_description(code), delay)
 
     def _read_ready(self, fd: int) -> None:
         for w in self.workers:

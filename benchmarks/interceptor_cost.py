@@ -15,7 +15,6 @@ how much of its CPU the server used).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -41,14 +40,7 @@ class EchoPeer(run.AsyncgrpcPeer):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=3,
-                        help="runs of each variant, alternating (default 3)")
-    parser.add_argument("--duration", type=float, default=4.0)
-    parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--scenario", default="unary_10x10",
-                        choices=sorted(run.SCENARIO_BY_NAME))
+    parser = run.alternate_parser(__doc__, runs=3)
     parser.add_argument("--module", default="asyncgrpc",
                         help="module providing server() (asyncgrpc or grpc.aio)")
     args = parser.parse_args()

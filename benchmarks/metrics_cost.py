@@ -12,7 +12,6 @@ medians are compared.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -34,14 +33,7 @@ class EchoPeer(run.AsyncgrpcPeer):
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=5,
-                        help="runs of each variant, alternating (default 5)")
-    parser.add_argument("--duration", type=float, default=4.0)
-    parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--scenario", default="unary_10x10",
-                        choices=sorted(run.SCENARIO_BY_NAME))
+    parser = run.alternate_parser(__doc__, runs=5)
     args = parser.parse_args()
 
     results, _ = run.alternate({on: EchoPeer(on) for on in (False, True)}, args.scenario,

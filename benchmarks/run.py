@@ -630,6 +630,20 @@ def build_loadgen():
                  "BUILD=" + os.path.dirname(LOADGEN)], "building the loadgen")
 
 
+def alternate_parser(doc, runs):
+    """The command line the A/B programs share (their own options are added
+    to it): --runs (default ``runs``), --duration, --warmup, --scenario."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", type=int, default=runs,
+                        help="runs of each variant, alternating (default %d)" % runs)
+    parser.add_argument("--duration", type=float, default=4.0)
+    parser.add_argument("--warmup", type=float, default=1.0)
+    parser.add_argument("--scenario", default="unary_10x10",
+                        choices=sorted(SCENARIO_BY_NAME))
+    return parser
+
+
 def alternate(peers, scenario_name, runs, duration, warmup, prefix,
               server_cpus="0", client_cpus="1", pin=True, before=None):
     """The A/B measurement of the cost programs (metrics_cost.py,

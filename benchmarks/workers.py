@@ -19,7 +19,6 @@ workers get while the load generator takes a good part of a core.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import statistics
@@ -121,14 +120,7 @@ def spread(ctx: Any, connections: int) -> List[int]:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=3,
-                        help="runs of each variant, alternating (default 3)")
-    parser.add_argument("--duration", type=float, default=4.0)
-    parser.add_argument("--warmup", type=float, default=1.0)
-    parser.add_argument("--scenario", default="unary_10x10",
-                        choices=sorted(run.SCENARIO_BY_NAME))
+    parser = run.alternate_parser(__doc__, runs=3)
     parser.add_argument("--connections", type=int, default=100,
                         help="grpcio connections of the spread test (default 100)")
     args = parser.parse_args()

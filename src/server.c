@@ -539,10 +539,11 @@ server_defer_write(ServerObject *self, CallObject *call)
     self->deferred_writers = (CallObject *)Py_NewRef((PyObject *)call);
 }
 
-/* Start the writes deferred since the last empty poll. Returns 1 if there
- * were any. */
+/* Take the list of calls whose next write waits for the drain's next empty
+ * poll, and start those writes (resume) or, when the server is closing and
+ * their RPCs are over, just let go of them. Returns 1 if there were any. */
 static int
-resume_deferred_writes(ServerObject *self)
+take_deferred_writes(ServerObject *self, int resume)
 {
     CallObject *call = self->deferred_writers;
     if (call == NULL) {
@@ -553,30 +554,16 @@ resume_deferred_writes(ServerObject *self)
         CallObject *next = call->next_deferred_writer;
         call->next_deferred_writer = NULL;
         call->write_deferred = 0;
-        call_resume_write(call);
-        if (PyErr_Occurred()) {
-            server_write_unraisable(self, (PyObject *)call);
+        if (resume) {
+            call_resume_write(call);
+            if (PyErr_Occurred()) {
+                server_write_unraisable(self, (PyObject *)call);
+            }
         }
         Py_DECREF(call);
         call = next;
     }
     return 1;
-}
-
-/* Let go of the deferred writers without writing (the server is closing:
- * their RPCs are over). */
-static void
-clear_deferred_writes(ServerObject *self)
-{
-    CallObject *call = self->deferred_writers;
-    self->deferred_writers = NULL;
-    while (call != NULL) {
-        CallObject *next = call->next_deferred_writer;
-        call->next_deferred_writer = NULL;
-        call->write_deferred = 0;
-        Py_DECREF(call);
-        call = next;
-    }
 }
 
 static PyObject *
@@ -596,7 +583,7 @@ server_drain(ServerObject *self, PyObject *Py_UNUSED(ignored))
         grpc_event ev = bridge_poll(b, LOOK_WHEN_IDLE && n == 0 && b->pending_empty > 0);
         if (ev.type != GRPC_OP_COMPLETE) {
             /* The queue is empty: now the streams' next messages go. */
-            if (resume_deferred_writes(self)) {
+            if (take_deferred_writes(self, 1)) {
                 continue;
             }
             break;
@@ -609,7 +596,7 @@ server_drain(ServerObject *self, PyObject *Py_UNUSED(ignored))
         /* Out of budget with events still coming: the streams' next
          * messages go now rather than wait for a pass that empties the
          * queue, which sustained load may not bring. */
-        resume_deferred_writes(self);
+        take_deferred_writes(self, 1);
     }
     if (self->deferred_fatal != NULL) {
         /* Keep the baton and go on in a later iteration (if the loop runs
@@ -1241,7 +1228,7 @@ server_clear(ServerObject *self)
     Py_CLEAR(self->call_soon);
     Py_CLEAR(self->drain_cb);
     Py_CLEAR(self->hooks);
-    clear_deferred_writes(self);
+    take_deferred_writes(self, 0);
     return 0;
 }
 

@@ -71,6 +71,33 @@ def test_core_version_is_a_version_string():
     assert version == _core.grpc_version()
 
 
+def test_core_patches_name_what_was_compiled_in():
+    """``_core.CORE_PATCHES``: every patch of scripts/core_patches.py, in
+    order, on the bundled core (the tests of tests/test_drain.py choose what
+    to demand by it); none on a system libgrpc, which asyncgrpc cannot patch."""
+    assert isinstance(_core.CORE_PATCHES, tuple)
+    if BUNDLED:
+        _build_core_module()            # loads scripts/core_patches.py too
+        patches = sys.modules["core_patches"]
+        assert _core.CORE_PATCHES == tuple(patches.names())
+        assert _core.CORE_PATCHES == ("close-after-peer-read", "serve-calls-until-goaway")
+    else:
+        assert _core.CORE_PATCHES == ()
+
+
+def test_core_patches_fail_loudly_on_sources_they_do_not_fit(tmp_path):
+    """A patch whose text is not found exactly once stops the build (a new
+    grpcio version must be looked at, not patched blindly)."""
+    _build_core_module()
+    patches = sys.modules["core_patches"]
+    for patch in {p.path: p for p in patches.PATCHES}.values():
+        target = tmp_path / patch.path
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text("// a source that changed upstream\n")
+    with pytest.raises(SystemExit, match="out of date"):
+        patches.patched_sources(tmp_path)
+
+
 def test_core_version_is_what_the_linked_core_reports():
     if BUNDLED:
         pins = _build_core_module()
